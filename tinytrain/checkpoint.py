@@ -1,0 +1,232 @@
+"""Checkpoints that are either complete or invisible.
+
+Layout under ``<default_root_dir>/checkpoints``::
+
+    step-00000100/
+        state.ckpt          Lightning's checkpoint (weights, optimizer, loop state); a file, or a
+                            folder of per-rank shards under a model-parallel strategy
+        config.yaml         the resolved recipe the run was started with
+        model_config.json   the architecture, for loading without the recipe
+        tokenizer.model     the tokenizer the data was made with
+        meta.json           step, tokens seen, versions, git SHA, devices
+    last -> step-00000100   always a complete checkpoint
+
+Everything is written into ``.tmp-step-N`` and renamed to ``step-N`` once complete; ``last`` is
+then replaced with an atomic rename of a fresh symlink. A process killed mid-save leaves only a
+``.tmp-*`` folder, which the next save removes; the previous checkpoint stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import SaveConfigCallback
+
+log = logging.getLogger(__name__)
+
+STATE = "state.ckpt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete-looking checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    """The newest checkpoint folder in ``folder`` that holds a state and metadata; damaged ones are
+    skipped with a warning."""
+    for step, path in reversed(step_dirs(Path(folder))):
+        if (path / STATE).exists() and (path / "meta.json").is_file():
+            return path
+        log.warning("skipping incomplete checkpoint %s (no %s or meta.json)", path, STATE)
+    return None
+
+
+def resolve_checkpoint(path: os.PathLike | str) -> Path:
+    """A checkpoint folder from what a user may pass: the folder itself, ``last``, a run folder, or
+    its checkpoints folder."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "last", p / "checkpoints" / "last"):
+        if (candidate / "meta.json").is_file():
+            return candidate.resolve()
+    for folder in (p, p / "checkpoints"):
+        found = latest_checkpoint(folder)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{p}: no tinytrain checkpoint there (expected a folder with meta.json and {STATE})")
+
+
+def git_sha() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    import lightning
+    import numpy
+
+    from tinytrain import __version__
+
+    env = {
+        "tinytrain": __version__, "git_sha": git_sha(), "python": platform.python_version(),
+        "torch": torch.__version__, "lightning": lightning.__version__, "numpy": numpy.__version__,
+        "platform": platform.platform(), "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+class ConfigSaver(SaveConfigCallback):
+    """Saves config.yaml in the log folder (as Lightning does) and keeps the text for checkpoints."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.config_text = self.parser.dump(self.config, skip_none=False)
+        super().setup(trainer, pl_module, stage)
+
+
+class Checkpointing(Callback):
+    def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
+                 resume: bool = True) -> None:
+        """Periodic, atomic checkpoints and automatic resume.
+
+        Args:
+            dirpath: Checkpoint folder; default ``<trainer.default_root_dir>/checkpoints``.
+            every_n_steps: Save after every this many optimizer steps (and always at the end).
+            keep_last: Keep this many newest checkpoints; older ones are deleted. 0 keeps all.
+            resume: On start, continue from the newest complete checkpoint in dirpath, if any.
+        """
+        if every_n_steps <= 0:
+            raise ValueError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
+        if keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
+        self.dirpath = Path(dirpath).expanduser() if dirpath else None
+        self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
+        self._last_saved_step: Optional[int] = None
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> Optional[Path]:
+        step = trainer.global_step
+        folder = self.folder(trainer)
+        final = folder / f"step-{step:08d}"
+        if step == self._last_saved_step or (step == 0):
+            return None
+        tmp = folder / f".tmp-step-{step:08d}"
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        trainer.strategy.barrier("tinytrain.checkpoint.mkdir")
+        started = time.perf_counter()
+        trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
+        if trainer.is_global_zero:
+            self._write_sidecars(trainer, tmp, step, time.perf_counter() - started)
+            if final.exists():  # re-saving a step that exists (e.g. end of an already finished run)
+                shutil.rmtree(tmp)
+            else:
+                _fsync_tree(tmp)
+                os.replace(tmp, final)
+                _fsync_dir(folder)
+            _point_last(folder, final)
+            self._prune(folder, final)
+            log.info("saved checkpoint %s", final)
+        trainer.strategy.barrier("tinytrain.checkpoint.done")
+        self._last_saved_step = step
+        return final
+
+    def _write_sidecars(self, trainer: L.Trainer, folder: Path, step: int, seconds: float) -> None:
+        module, dm = trainer.lightning_module, trainer.datamodule
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, ConfigSaver)), None)
+        if saver is not None and getattr(saver, "config_text", None):
+            (folder / "config.yaml").write_text(saver.config_text)
+        config = getattr(module, "config", None)
+        if config is not None:
+            from dataclasses import asdict
+            (folder / "model_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        tokenizer = getattr(dm, "tokenizer_path", None) if dm is not None else None
+        if tokenizer is not None and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, folder / "tokenizer.model")
+        tokens_per_step = getattr(dm, "global_batch_size", 0) * getattr(dm, "seq_len", 0)
+        meta = {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "global_batch_size": getattr(dm, "global_batch_size", None),
+            "seq_len": getattr(dm, "seq_len", None),
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "strategy": type(trainer.strategy).__name__,
+            "precision": str(trainer.precision),
+            "save_seconds": round(seconds, 3),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": environment(),
+        }
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _prune(self, folder: Path, keep: Path) -> None:
+        if not self.keep_last:
+            return
+        dirs = step_dirs(folder)
+        for _, path in dirs[: max(0, len(dirs) - self.keep_last)]:
+            if path.resolve() == keep.resolve():
+                continue
+            doomed = path.with_name(".del-" + path.name)
+            os.replace(path, doomed)  # never leave a half-deleted step-N behind
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _point_last(folder: Path, target: Path) -> None:
+    tmp_link = folder / ".last.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(target.name)
+    os.replace(tmp_link, folder / "last")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))

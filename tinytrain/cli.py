@@ -1,0 +1,92 @@
+"""The `tinytrain` command.
+
+    tinytrain fit --config recipes/tiny.yaml [--trainer.max_steps 50 ...]   train (LightningCLI)
+    tinytrain validate --config recipes/tiny.yaml                          validation loss only
+    tinytrain generate CHECKPOINT --prompt TEXT                            sample text
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from tinytrain.checkpoint import Checkpointing, ConfigSaver, latest_checkpoint
+
+log = logging.getLogger("tinytrain")
+
+USAGE = """usage: tinytrain {fit,validate,generate} ...
+
+  fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
+  validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
+  generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
+
+`tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
+"""
+
+
+class TinyTrainCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Checkpointing, "checkpoint")
+        # The data must know the model's vocabulary (to train a tokenizer, to check token ids).
+        parser.link_arguments("model.config.vocab_size", "data.vocab_size")
+        # Checkpoints are ours (atomic folders + `last`); Lightning's ModelCheckpoint would write a second set.
+        parser.set_defaults({"trainer.enable_checkpointing": False})
+
+    def before_fit(self) -> None:
+        fit_config = self.config_init[self.subcommand]
+        if fit_config.get("ckpt_path") is not None:
+            return
+        ckpt_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, Checkpointing))
+        if not ckpt_cb.resume:
+            return
+        found = latest_checkpoint(ckpt_cb.folder(self.trainer))
+        if found is not None:
+            if self.trainer.is_global_zero:
+                log.info("resuming from %s", found)
+            fit_config["ckpt_path"] = str(found / "state.ckpt")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    logging.getLogger("tinytrain").setLevel(logging.INFO)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] == "generate":
+        from tinytrain.generate import main as generate_main
+
+        return generate_main(argv[1:])
+    if argv[0] not in TinyTrainCLI.subcommands():
+        print(f"tinytrain: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+
+    from tinytrain.data import TokenData
+    from tinytrain.lit import LitLlama
+
+    TinyTrainCLI(
+        LitLlama,
+        TokenData,
+        args=None if from_command_line else argv,
+        save_config_callback=ConfigSaver,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Sampling text from a trained model, with a KV cache (cost per new token does not grow with the prompt)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tinytrain.checkpoint import STATE, resolve_checkpoint
+from tinytrain.model import Llama, LlamaConfig
+from tinytrain.tokenizer import Tokenizer
+
+
+def load_model_state(state_path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a Lightning checkpoint file, with the module's ``model.`` prefix removed."""
+    if state_path.is_dir():
+        raise ValueError(
+            f"{state_path} is a sharded checkpoint; consolidate it into one file first "
+            "(python -m tinytrain.consolidate)"
+        )
+    ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
+    folder = resolve_checkpoint(path)
+    config_file = folder / "model_config.json"
+    tok_file = folder / "tokenizer.model"
+    for f in (config_file, tok_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing from checkpoint {folder}")
+    config = LlamaConfig(**json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        model = Llama(config)
+    model.load_state_dict(load_model_state(folder / STATE), strict=True, assign=True)
+    model.to(device)
+    _rebuild_rope(model)  # non-persistent buffers are not in the checkpoint
+    return model.eval(), Tokenizer(tok_file)
+
+
+def _rebuild_rope(model: Llama) -> None:
+    from tinytrain.model import rope_tables
+
+    c = model.config
+    device = model.lm_head.weight.device
+    cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=device)
+    model.rope_cos, model.rope_sin = cos, sin
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token ids (B, 1) from last-position logits (B, V). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop tokens once the mass before them already reaches top_p (the top token always stays).
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+             top_k: Optional[int] = 50, top_p: float = 1.0, eos_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, use_cache: bool = True) -> torch.Tensor:
+    """Prompt (B, T) followed by up to max_new_tokens sampled ids; stops early when every row hit EOS."""
+    limit = model.config.max_position_embeddings
+    if prompt.size(1) >= limit:
+        raise ValueError(f"prompt of {prompt.size(1)} tokens leaves no room under max_position_embeddings={limit}")
+    max_new_tokens = min(max_new_tokens, limit - prompt.size(1))
+    tokens = prompt
+    done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    if use_cache:
+        model.setup_kv_caches(prompt.size(0), prompt.size(1) + max_new_tokens)
+    try:
+        pos, step_input = 0, prompt
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = model(step_input, pos=pos)[:, -1]
+                pos += step_input.size(1)
+            else:
+                logits = model(tokens)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done.unsqueeze(1), eos_id)
+                done |= nxt.squeeze(1) == eos_id
+            tokens = torch.cat([tokens, nxt], dim=1)
+            step_input = nxt
+            if eos_id is not None and done.all():
+                break
+    finally:
+        if use_cache:
+            model.clear_kv_caches()
+    return tokens
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tinytrain generate", description="Continue a prompt with a trained model.")
+    parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, or a run folder")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start from BOS alone)")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top_k", type=int, default=50, help="0 disables top-k filtering")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    model, tok = load_checkpoint(args.checkpoint, device=args.device)
+    ids = tok.encode(args.prompt, bos=True)
+    prompt = torch.tensor([ids], device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                   eos_id=tok.eos_id, generator=gen)
+    print(tok.decode(out[0].tolist()))

@@ -1,0 +1,201 @@
+"""The LightningModule: next-token loss, AdamW with warmup + cosine, clipping, validation.
+
+One Lightning batch is one optimizer step: the loader hands this rank all its micro-batches of
+the step at once, shaped (accumulation, micro batch, seq_len + 1), and ``training_step``
+accumulates over them. So ``global_step``, ``batch_idx``, ``max_steps``, ``val_check_interval``
+and checkpoint intervals all count optimizer steps, and the learning rate is a pure function of
+the step (nothing to restore on resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from tinytrain import parallel
+from tinytrain.model import Llama, LlamaConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warmup, cosine decay, then constant)."""
+
+    lr: float = 4e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 4e-5
+    """Learning rate at decay_steps and after."""
+    warmup_steps: int = 2000
+    """Optimizer steps of linear warmup from 0."""
+    decay_steps: int = 1_430_512
+    """Step at which the cosine decay reaches min_lr."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings, not to norm weights."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: Optional[bool] = None
+    """Use the fused AdamW kernel; None lets PyTorch choose."""
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if step >= self.decay_steps:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
+
+
+class LitLlama(L.LightningModule):
+    def __init__(
+        self,
+        config: LlamaConfig = LlamaConfig(),
+        optim: OptimConfig = OptimConfig(),
+        attention: str = "auto",
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ) -> None:
+        """A Llama model trained on next-token prediction.
+
+        Args:
+            config: The architecture (see tinytrain.model.LlamaConfig and its presets).
+            optim: AdamW, learning-rate schedule and gradient clipping.
+            attention: "auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" or "flash-attn".
+            activation_checkpointing: Recompute each block's activations in backward, to save memory.
+            compile: torch.compile each transformer block.
+        """
+        super().__init__()
+        self.config, self.optim = config, optim
+        self.attention, self.activation_checkpointing, self.compile_blocks = attention, activation_checkpointing, compile
+        self.automatic_optimization = False
+        self.model: Optional[Llama] = None
+        self._step_started: Optional[float] = None
+        self._val_losses: list[torch.Tensor] = []
+
+    # --- building -----------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            with torch.device("meta"):
+                model = Llama(self.config)
+            model.set_attention_backend(self.attention)
+            self._apply_wrappers(model)
+            precision = str(self.trainer.precision)
+            param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
+            parallel.apply_fsdp(model, strategy.device_mesh["data_parallel"], param_dtype)
+            model.to_empty(device=strategy.root_device)
+            with torch.no_grad():
+                model.init_weights()
+        else:
+            model = Llama(self.config)
+            model.set_attention_backend(self.attention)
+            self._apply_wrappers(model)
+        self.model = model
+
+    def _apply_wrappers(self, model: Llama) -> None:
+        if self.activation_checkpointing:
+            parallel.apply_activation_checkpointing(model)
+        if self.compile_blocks:
+            parallel.apply_compile(model)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_len={seq_len} exceeds model.config.max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        o = self.optim
+        return torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # batch: (accumulation, micro batch, seq_len + 1) token ids for this rank and this step.
+        opt = self.optimizers()
+        step = self.global_step
+        lr = self.optim.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        accum = batch.size(0)
+        total = torch.zeros((), device=batch.device)
+        for i in range(accum):
+            tokens = batch[i]
+            parallel.set_gradient_sync(self.model, i == accum - 1)
+            loss = self.model(tokens[:, :-1], tokens[:, 1:])
+            self.manual_backward(loss / accum)
+            total += loss.detach()
+        if self.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        tokens_per_step = self.trainer.datamodule.global_batch_size * self.trainer.datamodule.seq_len
+        mean_loss = total / accum
+        self.log("train/loss", mean_loss, prog_bar=True, sync_dist=True)
+        self.log("train/lr", lr)
+        self.log("train/grad_norm", grad_norm)
+        self.log("train/tokens", float((step + 1) * tokens_per_step))
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self.log("train/tokens_per_sec", tokens_per_step / (now - self._step_started), prog_bar=True)
+        self._step_started = now
+        return mean_loss
+
+    def on_train_epoch_start(self) -> None:
+        self._step_started = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_losses = []
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._val_losses.append(self.model(batch[:, :-1], batch[:, 1:]).detach())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_losses:
+            return
+        loss = torch.stack(self._val_losses).mean()
+        # Every rank reads the same number of equal-length batches, so the mean of means is exact.
+        loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
+        self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(loss), rank_zero_only=True)
+        self._step_started = None  # validation time is not training throughput
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tinytrain"] = {"model_config": asdict(self.config)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("tinytrain", {}).get("model_config")
+        if saved is not None and saved != asdict(self.config):
+            diff = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
+            raise ValueError(
+                "the checkpoint was trained with a different model config; differing fields "
+                + ", ".join(f"model.config.{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in diff.items())
+            )

@@ -1,0 +1,343 @@
+"""A Llama-2 style decoder, single device, readable top to bottom.
+
+RMSNorm -> RoPE -> grouped-query attention -> SwiGLU MLP -> block -> model.
+
+Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` (minus its ``model.``
+prefix), so the HF key map stays a prefix rename. Nothing here imports Lightning or
+torch.distributed: parallelism is applied from outside (see ``tinytrain.parallel``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture of a Llama-2 style model. Field names are those of HF's ``LlamaConfig``."""
+
+    vocab_size: int = 32000
+    """Rows of the input embedding and the output head."""
+    hidden_size: int = 2048
+    """Width of the residual stream."""
+    intermediate_size: int = 5632
+    """Width of the SwiGLU hidden layer."""
+    num_hidden_layers: int = 22
+    """Number of transformer blocks."""
+    num_attention_heads: int = 32
+    """Query heads per block."""
+    num_key_value_heads: int = 4
+    """Key/value heads per block (grouped-query attention); must divide num_attention_heads."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside RMSNorm."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output head (TinyLlama does not)."""
+    initializer_std: Optional[float] = None
+    """Std of the normal init of embeddings and linears; None means TinyLlama's sqrt(2 / (5 * hidden_size))."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("rope_theta", "rms_norm_eps", "initializer_std") or isinstance(value, bool):
+                continue
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"{f.name} must be a positive integer, got {value!r}")
+        if not problems:
+            if self.hidden_size % self.num_attention_heads:
+                problems.append(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                )
+            if self.num_attention_heads % self.num_key_value_heads:
+                problems.append(
+                    f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                    f"num_key_value_heads ({self.num_key_value_heads})"
+                )
+            if (self.hidden_size // self.num_attention_heads) % 2:
+                problems.append(f"head size {self.hidden_size // self.num_attention_heads} must be even for RoPE")
+        if problems:
+            raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "LlamaConfig":
+        """A named preset (see ``PRESETS``), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Exact parameter count, computed from the shapes (no model needed)."""
+        d, h, kv, hd = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        mlp = 3 * d * self.intermediate_size
+        block = attn + mlp + 2 * d
+        n = self.num_hidden_layers * block + d + self.vocab_size * d  # blocks, final norm, lm_head
+        if include_embedding and not self.tie_word_embeddings:
+            n += self.vocab_size * d
+        return n
+
+
+PRESETS: dict[str, dict] = {
+    # TinyLlama 1.1B (arXiv 2401.02385): exactly 1,100,048,384 parameters.
+    "tinyllama-1.1b": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+    ),
+    # About 12M parameters: trains on two CPU cores in minutes.
+    "tiny": dict(
+        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+    ),
+    # Under 1M parameters: a few dozen steps in seconds, for tests.
+    "ci": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype, as HF Llama does, then scale in x's dtype.
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (length, head_dim) in fp32, in HF's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_heads, T, hd); cos/sin: (T, hd). Rotate-half: pairs are (i, i + hd/2), not (2i, 2i+1).
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _flash_attn_func():
+    """flash-attn's kernel when the package is installed, else None."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return flash_attn_func
+
+
+_logged_backends: set[str] = set()
+
+
+def _note_backend(name: str) -> None:
+    if name not in _logged_backends:
+        _logged_backends.add(name)
+        log.info("attention backend: %s", name)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one block, for incremental decoding."""
+
+    def __init__(self, batch: int, n_kv: int, length: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        self.backend = "auto"  # "auto" | "sdpa" | "flash-attn"; set by Llama.set_attention_backend
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        # (B, T, heads, hd) -> (B, heads, T, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(pos, k, v)
+            y = self._sdpa(q, k, v, causal_offset=pos)
+        elif self._use_flash(q):
+            _note_backend("flash-attn")
+            flash = _flash_attn_func()
+            # flash-attn takes (B, T, heads, hd) and handles grouped KV heads natively.
+            y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+        else:
+            _note_backend("sdpa")
+            y = self._sdpa(q, k, v, causal_offset=0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d)
+        return self.o_proj(y)
+
+    def _use_flash(self, q: torch.Tensor) -> bool:
+        if self.backend == "sdpa" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            if self.backend == "flash-attn" and not q.is_cuda:
+                raise RuntimeError("attention backend 'flash-attn' needs CUDA tensors; use 'sdpa' or 'auto'")
+            return False
+        available = _flash_attn_func() is not None
+        if self.backend == "flash-attn" and not available:
+            raise RuntimeError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable")
+        return available
+
+    def _sdpa(self, q, k, v, causal_offset: int) -> torch.Tensor:
+        if self.n_kv != self.n_head:
+            # Expand grouped KV heads: (B, n_kv, S, hd) -> (B, n_head, S, hd).
+            rep = self.n_head // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        T, S = q.size(2), k.size(2)
+        if causal_offset == 0 and T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if T == 1:  # one new token attends to everything cached
+            return F.scaled_dot_product_attention(q, k, v)
+        # A chunk of T new tokens after causal_offset cached ones.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=causal_offset)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        """TinyLlama's initialisation; also rebuilds the RoPE tables (after meta-device construction).
+
+        Embeddings and linears: normal(0, sqrt(2 / (5 d))) (small init, Nguyen & Salazar 2019).
+        Output projections of attention and MLP: normal(0, 1 / (sqrt(d) * n_layers)), which keeps
+        the residual stream's variance from growing with depth. Norm weights: ones.
+        """
+        c = self.config
+        std = c.initializer_std if c.initializer_std is not None else math.sqrt(2.0 / (5 * c.hidden_size))
+        out_std = 1.0 / math.sqrt(c.hidden_size) / c.num_hidden_layers
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std, generator=generator)
+            elif p.ndim == 2:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+            else:
+                nn.init.ones_(p)
+        device = self.rope_cos.device
+        if device.type != "meta":
+            cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend not in ("auto", "sdpa", "flash-attn"):
+            raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flash-attn', got {backend!r}")
+        for block in self.layers:
+            block.self_attn.backend = backend
+
+    def forward(
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, pos: int = 0
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the mean next-token loss.
+
+        ``pos`` is the position of idx[:, 0]; non-zero only when decoding with KV caches.
+        """
+        T = idx.size(1)
+        if pos + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {pos + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        x = self.embed_tokens(idx)  # (B, T, d)
+        for block in self.layers:
+            x = block(x, cos, sin, pos)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def setup_kv_caches(self, batch: int, length: Optional[int] = None, dtype=None) -> None:
+        length = length or self.config.max_position_embeddings
+        dtype = dtype or self.lm_head.weight.dtype
+        device = self.lm_head.weight.device
+        c = self.config
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, length, c.head_dim, dtype, device)
+
+    def clear_kv_caches(self) -> None:
+        for block in self.layers:
+            block.self_attn.kv_cache = None
