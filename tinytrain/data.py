@@ -200,6 +200,9 @@ class TokenData(L.LightningDataModule):
             num_workers: DataLoader worker processes.
         """
         super().__init__()
+        if path == "???":
+            raise ValueError("data.path is required by this recipe: pass --data.path with a prepared data folder "
+                             "(made by `tinytrain prepare`)")
         self.path = Path(path).expanduser() if path else None
         self.corpus = Path(corpus).expanduser() if corpus else None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else corpus_mod.default_cache_dir()

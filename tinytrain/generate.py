@@ -35,17 +35,15 @@ def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
     with torch.device("meta"):
         model = Llama(config)
     model.load_state_dict(load_model_state(folder / STATE), strict=True, assign=True)
-    model.to(device)
     _rebuild_rope(model)  # non-persistent buffers are not in the checkpoint
-    return model.eval(), Tokenizer(tok_file)
+    return model.to(device).eval(), Tokenizer(tok_file)
 
 
 def _rebuild_rope(model: Llama) -> None:
     from tinytrain.model import rope_tables
 
     c = model.config
-    device = model.lm_head.weight.device
-    cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=device)
+    cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=model.lm_head.weight.device)
     model.rope_cos, model.rope_sin = cos, sin
 
 

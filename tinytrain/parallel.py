@@ -40,3 +40,32 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip FSDP2's gradient reduce-scatter on all but the last micro-batch of an accumulation."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
+
+
+def _model_parallel_strategy():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class FSDP2(_model_parallel_strategy()):
+    """Lightning's ModelParallelStrategy with every process in one data-parallel (FSDP) group.
+
+    The parent's "auto" sizes make data-parallel = nodes and tensor-parallel = devices per node;
+    pure FSDP across all GPUs of all nodes wants data-parallel = world size. Runs with NCCL on
+    GPUs and gloo on CPU.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: Optional[str] = None) -> None:
+        """
+        Args:
+            save_distributed_checkpoint: Each rank writes its own shard (no gather on one rank).
+            process_group_backend: "nccl", "gloo", or None to choose by device.
+        """
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

@@ -1,0 +1,82 @@
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_code_corpus(folder: Path, files: int = 80, seed: int = 0) -> Path:
+    """A deterministic corpus of small Python-like files: structured enough that a tiny model's loss
+    falls within a few dozen steps."""
+    rng = random.Random(seed)
+    names = ["alpha", "beta", "gamma", "delta", "count", "total", "index", "value", "items", "result"]
+    ops = [("+", "sum"), ("-", "difference"), ("*", "product"), ("//", "quotient")]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        lines = [f'"""Module {i}: arithmetic helpers."""', ""]
+        for j in range(rng.randint(6, 12)):
+            a, b = rng.sample(names, 2)
+            op, word = rng.choice(ops)
+            lines += [
+                f"def {word}_{a}_{b}_{j}({a}, {b}):",
+                f'    """Return the {word} of {a} and {b}."""',
+                f"    {names[j % len(names)]} = {a} {op} {b}",
+                f"    return {names[j % len(names)]}",
+                "",
+            ]
+        (folder / f"mod_{i:03d}.py").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def code_corpus(tmp_path_factory) -> Path:
+    return write_code_corpus(tmp_path_factory.mktemp("corpus") / "code")
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, code_corpus) -> Path:
+    """The code corpus prepared with a 512-piece tokenizer (a session-wide, read-only folder)."""
+    from tinytrain.corpus import prepare_text_folder
+
+    return prepare_text_folder(code_corpus, tmp_path_factory.mktemp("prepared") / "code-512", 512, val_fraction=0.1)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder (to show nothing was modified)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
+    }
+
+
+def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 600, check: bool = True):
+    """Run the real `tinytrain` command in a subprocess; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TINYTRAIN_CACHE": str(cwd / "cache"),
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "tinytrain.cli", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tinytrain {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def ci_args(corpus: Path, *extra) -> list:
+    """`fit` on the ci recipe, reading the given corpus."""
+    return ["fit", "--config", RECIPES / "ci.yaml", "--data.corpus", corpus, "--data.val_fraction", "0.1", *extra]

@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+
+from tinytrain.model import PRESETS, Llama, LlamaConfig
+
+
+def test_tinyllama_preset_has_exactly_the_published_parameter_count():
+    config = LlamaConfig.from_name("tinyllama-1.1b")
+    with torch.device("meta"):
+        model = Llama(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_100_048_384
+    assert config.num_params() == 1_100_048_384
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads, config.intermediate_size, config.vocab_size) == (22, 2048, 32, 4, 5632, 32000)
+
+
+def test_presets_sizes():
+    assert 10e6 <= LlamaConfig.from_name("tiny").num_params() <= 20e6
+    assert LlamaConfig.from_name("ci").num_params() < 1e6
+    assert set(PRESETS) == {"tinyllama-1.1b", "tiny", "ci"}
+    with pytest.raises(ValueError, match="unknown model preset 'nope'"):
+        LlamaConfig.from_name("nope")
+
+
+def test_config_errors_name_the_fields():
+    with pytest.raises(ValueError, match="num_attention_heads \\(6\\) must be divisible by num_key_value_heads \\(4\\)"):
+        LlamaConfig.from_name("ci", num_attention_heads=6, num_key_value_heads=4, hidden_size=96)
+    with pytest.raises(ValueError, match="vocab_size must be a positive integer"):
+        LlamaConfig.from_name("ci", vocab_size=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,theta,hidden,inter", [(4, 4, 10000.0, 64, 176), (8, 2, 500000.0, 96, 200)])
+def test_logits_match_transformers(heads, kv_heads, theta, hidden, inter):
+    transformers = pytest.importorskip("transformers")
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=3,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                         rope_theta=theta, rms_norm_eps=1e-6)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=3,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+        rope_theta=theta, rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    ours = Llama(config).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
+    idx = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci")).eval()
+    idx = torch.randint(0, 512, (1, 32))
+    changed = idx.clone()
+    changed[0, 20:] = (changed[0, 20:] + 7) % 512
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_kv_cache_gives_the_full_forward_logits():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci")).eval()
+    idx = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_kv_caches(2, 30)
+        parts = [model(idx[:, :17], pos=0)] + [model(idx[:, i : i + 1], pos=i) for i in range(17, 30)]
+        model.clear_kv_caches()
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_tinyllama_initialisation():
+    config = LlamaConfig.from_name("ci", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                   vocab_size=2048)
+    torch.manual_seed(0)
+    model = Llama(config)
+    small = math.sqrt(2 / (5 * 256))
+    out = 1 / math.sqrt(256) / 4
+    assert model.embed_tokens.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert model.layers[1].self_attn.q_proj.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert model.layers[1].mlp.up_proj.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert model.layers[1].self_attn.o_proj.weight.std().item() == pytest.approx(out, rel=0.05)
+    assert model.layers[1].mlp.down_proj.weight.std().item() == pytest.approx(out, rel=0.05)
+    assert torch.equal(model.norm.weight, torch.ones(256))
+
+
+def test_meta_construction_then_init_matches_eager_rope():
+    config = LlamaConfig.from_name("ci")
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    eager = Llama(config)
+    assert torch.equal(model.rope_cos, eager.rope_cos) and torch.equal(model.rope_sin, eager.rope_sin)
+    assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()
+
+
+def test_loss_is_next_token_cross_entropy():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci"))
+    idx = torch.randint(0, 512, (2, 16))
+    targets = torch.randint(0, 512, (2, 16))
+    logits = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), targets.reshape(-1))
+    torch.testing.assert_close(model(idx, targets), expected)

@@ -1,0 +1,160 @@
+"""End to end through the real `tinytrain` command, on the ci recipe and a corpus written by the tests."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ci_args, run_tinytrain, tree_digest
+
+
+def metrics(run_dir):
+    rows = []
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def series(rows, key):
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def model_weights(checkpoint_dir):
+    state = torch.load(checkpoint_dir / "state.ckpt", map_location="cpu", weights_only=True)
+    return state
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, code_corpus):
+    """One ci-recipe run of 40 steps (checkpoints at 20 and 40), shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("train")
+    proc = run_tinytrain(*ci_args(code_corpus), cwd=cwd)
+    return cwd, cwd / "runs" / "ci", proc
+
+
+def test_loss_falls_and_validation_is_logged(trained):
+    _, run, _ = trained
+    rows = metrics(run)
+    train = series(rows, "train/loss")
+    val = series(rows, "val/loss")
+    assert [s for s, _ in val] == [19, 39]
+    assert train[0][1] > 4.5  # step 4; ln(512) = 6.24 at step 0
+    assert val[-1][1] < val[0][1] < train[0][1] - 1.0
+    assert val[-1][1] < 0.5 * train[0][1]
+    ppl = series(rows, "val/ppl")
+    assert ppl[-1][1] == pytest.approx(torch.tensor(val[-1][1]).exp().item(), rel=1e-4)
+    assert all(v > 0 for _, v in series(rows, "train/tokens_per_sec"))
+
+
+def test_checkpoint_layout(trained):
+    _, run, _ = trained
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step-00000020", "step-00000040"]
+    assert os.readlink(ckpts / "last") == "step-00000040"
+    last = ckpts / "last"
+    for name in ("state.ckpt", "config.yaml", "model_config.json", "tokenizer.model", "meta.json"):
+        assert (last / name).is_file(), name
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["tokens"] == 40 * 16 * 64 and meta["world_size"] == 1
+    assert meta["environment"]["torch"] == torch.__version__
+    config = (last / "config.yaml").read_text()
+    assert "global_batch_size: 16" in config and "hidden_size: 64" in config
+    assert json.loads((last / "model_config.json").read_text())["vocab_size"] == 512
+    # Only our checkpoints: Lightning's own ModelCheckpoint is off.
+    assert not list(run.glob("logs/*/checkpoints"))
+
+
+def test_rerun_resumes_from_newest_checkpoint_and_prunes(trained, code_corpus, tmp_path):
+    cwd, run, _ = trained
+    work = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(cwd, work, symlinks=True)
+    proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "60"), cwd=work)
+    assert "resuming from" in proc.stderr and "step-00000040" in proc.stderr
+    ckpts = work / "runs" / "ci" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step-00000040", "step-00000060"]
+    steps = [s for s, _ in series(metrics(work / "runs" / "ci"), "train/loss")]
+    assert max(steps) == 59 and steps.count(9) == 1  # steps 40.. ran; 0..39 were not replayed
+
+
+def test_generate_prints_a_continuation(trained):
+    cwd, run, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "tinytrain.cli", "generate", str(run), "--prompt", "def ",
+                           "--max_new_tokens", "40", "--temperature", "0.8", "--top_k", "20"],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith("def ") and len(text.strip()) > 20
+
+
+def test_bad_corpus_stops_before_training_and_leaves_checkpoints_alone(trained, tmp_path):
+    cwd, run, _ = trained
+    before = tree_digest(run / "checkpoints")
+    missing = tmp_path / "no-such-corpus"
+    proc = run_tinytrain(*ci_args(missing, "--trainer.max_steps", "60"), cwd=cwd, check=False)
+    assert proc.returncode != 0
+    assert f"corpus folder {missing} does not exist" in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_tinytrain(*ci_args(empty, "--trainer.max_steps", "60"), cwd=cwd, check=False)
+    assert proc.returncode != 0 and f"corpus folder {empty} holds no text files" in proc.stderr
+    assert tree_digest(run / "checkpoints") == before
+    assert os.readlink(run / "checkpoints" / "last") == "step-00000040"
+
+
+def test_vocab_smaller_than_the_shards_is_refused(prepared, tmp_path):
+    before = tree_digest(prepared)
+    proc = run_tinytrain("fit", "--config", ci_args(prepared)[2], "--data.path", prepared,
+                         "--model.config.vocab_size", "300", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "train-00000.bin: holds token id" in proc.stderr and "vocab_size is 300" in proc.stderr
+    assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
+    assert tree_digest(prepared) == before
+
+
+def test_killed_run_resumes_to_the_same_weights(code_corpus, tmp_path):
+    """SIGKILL at an arbitrary step after the first checkpoint; the same command continues to
+    bit-identical final weights and the same per-step losses as an uninterrupted run."""
+    extra = ["--trainer.max_steps", "80", "--checkpoint.every_n_steps", "20", "--trainer.log_every_n_steps", "1",
+             "--model.optim.decay_steps", "80"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_tinytrain(*ci_args(code_corpus, *extra), cwd=straight)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TINYTRAIN_CACHE": str(killed / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", *map(str, ci_args(code_corpus, *extra))],
+                            cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "runs" / "ci" / "checkpoints" / "step-00000020"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the run ended before its first checkpoint"
+    assert not (killed / "runs" / "ci" / "checkpoints" / "step-00000080").exists()
+
+    resumed = run_tinytrain(*ci_args(code_corpus, *extra), cwd=killed)
+    assert "resuming from" in resumed.stderr
+
+    a = model_weights(straight / "runs" / "ci" / "checkpoints" / "last")
+    b = model_weights(killed / "runs" / "ci" / "checkpoints" / "last")
+    assert a["global_step"] == b["global_step"] == 80
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    a_opt, b_opt = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for idx in a_opt:
+        assert torch.equal(a_opt[idx]["exp_avg_sq"], b_opt[idx]["exp_avg_sq"])
+    losses_a = dict(series(metrics(straight / "runs" / "ci"), "train/loss"))
+    losses_b = dict(series(metrics(killed / "runs" / "ci"), "train/loss"))
+    resumed_steps = [s for s in losses_b if s >= 40]
+    assert resumed_steps and all(losses_a[s] == losses_b[s] for s in resumed_steps)
