@@ -158,3 +158,40 @@ def test_killed_run_resumes_to_the_same_weights(code_corpus, tmp_path):
     losses_b = dict(series(metrics(killed / "runs" / "ci"), "train/loss"))
     resumed_steps = [s for s in losses_b if s >= 40]
     assert resumed_steps and all(losses_a[s] == losses_b[s] for s in resumed_steps)
+
+
+def test_wandb_offline_logging(code_corpus, tmp_path):
+    run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "2",
+                           "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+                           "--trainer.logger.init_args.project", "tinytrain-test",
+                           "--trainer.logger.init_args.save_dir", "runs/ci"),
+                  cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    runs = list((tmp_path / "runs" / "ci" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    assert b"train/loss" in runs[0].read_bytes()
+    assert series(metrics(tmp_path / "runs" / "ci"), "train/loss")  # the CSV logger still runs beside it
+
+
+def test_fsdp2_two_processes_sharded_checkpoint_resumes_on_one(code_corpus, tmp_path):
+    """FSDP2 on CPU with gloo: each rank writes its own shard; the run resumes on one process;
+    generate reads the sharded checkpoint without a process group."""
+    fsdp = ["--trainer.strategy", "fsdp2", "--checkpoint.every_n_steps", "10"]
+    run_tinytrain(*ci_args(code_corpus, *fsdp, "--trainer.devices", "2", "--trainer.max_steps", "20"), cwd=tmp_path)
+    state = tmp_path / "runs" / "ci" / "checkpoints" / "step-00000020" / "state.ckpt"
+    assert state.is_dir() and sorted(p.name for p in state.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = json.loads((state.parent / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["strategy"] == "FSDP2"
+
+    proc = run_tinytrain(*ci_args(code_corpus, *fsdp, "--trainer.devices", "1", "--trainer.max_steps", "30"),
+                         cwd=tmp_path)
+    assert "resuming from" in proc.stderr and "step-00000020" in proc.stderr
+    steps = [s for s, _ in series(metrics(tmp_path / "runs" / "ci"), "train/loss")]
+    assert max(steps) == 29
+
+    out = tmp_path / "weights.pt"
+    run_tinytrain("consolidate", tmp_path / "runs" / "ci" / "checkpoints" / "step-00000020", out, cwd=tmp_path)
+    weights = torch.load(out, weights_only=True)
+    assert sum(v.numel() for v in weights.values()) == 158_016
+    gen = run_tinytrain("generate", tmp_path / "runs" / "ci", "--prompt", "def ", "--max_new_tokens", "10",
+                        cwd=tmp_path)
+    assert gen.stdout.startswith("def ")

@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -230,3 +231,48 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(Path(dirpath))
+
+
+def load_model_weights(state_path: Path) -> dict[str, torch.Tensor]:
+    """The model's weights (HF-style names, no ``model.`` prefix) from a checkpoint's state: a
+    single Lightning file, or a sharded folder written by several ranks. Needs no GPU and no
+    process group, and reads no optimizer state."""
+    state_path = Path(state_path)
+    if state_path.is_file():
+        ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
+        return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not state_path.is_dir():
+        raise FileNotFoundError(f"{state_path}: no checkpoint state there")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    try:
+        metadata = dcp.FileSystemReader(str(state_path)).read_metadata()
+    except Exception as e:
+        raise ValueError(f"{state_path}: unreadable sharded checkpoint ({e})") from e
+    prefix = "state_dict.model."
+    weights = {
+        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and hasattr(meta, "size")
+    }
+    if not weights:
+        raise ValueError(f"{state_path}: sharded checkpoint holds no model weights (no '{prefix}*' keys)")
+    wrapped = {"state_dict": {"model." + k: v for k, v in weights.items()}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(wrapped, checkpoint_id=str(state_path), planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=True)
+    return {k.removeprefix("model."): v for k, v in wrapped["state_dict"].items()}
+
+
+def consolidate(checkpoint, out: os.PathLike | str) -> Path:
+    """Write a checkpoint's model weights as one plain state-dict file (torch.save), atomically."""
+    folder = resolve_checkpoint(checkpoint)
+    weights = load_model_weights(folder / STATE)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(weights, tmp)
+    os.replace(tmp, out)
+    return out

@@ -3,6 +3,7 @@
     tinytrain fit --config recipes/tiny.yaml [--trainer.max_steps 50 ...]   train (LightningCLI)
     tinytrain validate --config recipes/tiny.yaml                          validation loss only
     tinytrain generate CHECKPOINT --prompt TEXT                            sample text
+    tinytrain consolidate CHECKPOINT OUT.pt                                one plain weights file
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from tinytrain.checkpoint import Checkpointing, ConfigSaver, latest_checkpoint
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,generate} ...
+USAGE = """usage: tinytrain {fit,validate,generate,consolidate} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
   generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
+  consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
 
 `tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
 """
@@ -60,6 +62,19 @@ def _setup_logging() -> None:
     logging.getLogger("tinytrain").setLevel(logging.INFO)
 
 
+def consolidate_main(argv: list[str]) -> None:
+    import argparse
+
+    from tinytrain.checkpoint import consolidate
+
+    parser = argparse.ArgumentParser(prog="tinytrain consolidate",
+                                     description="Write a checkpoint's model weights (sharded or not) as one file.")
+    parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, or a run folder")
+    parser.add_argument("out", help="the output file (a torch.save'd state dict with HF Llama names)")
+    args = parser.parse_args(argv)
+    print(consolidate(args.checkpoint, args.out))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -71,12 +86,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tinytrain.generate import main as generate_main
 
         return generate_main(argv[1:])
+    if argv[0] == "consolidate":
+        return consolidate_main(argv[1:])
     if argv[0] not in TinyTrainCLI.subcommands():
         print(f"tinytrain: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
 
     from tinytrain.data import TokenData
     from tinytrain.lit import LitLlama
+    from tinytrain.parallel import register_strategy
+
+    register_strategy()
 
     TinyTrainCLI(
         LitLlama,

@@ -8,20 +8,9 @@ from typing import Optional
 
 import torch
 
-from tinytrain.checkpoint import STATE, resolve_checkpoint
+from tinytrain.checkpoint import STATE, load_model_weights, resolve_checkpoint
 from tinytrain.model import Llama, LlamaConfig
 from tinytrain.tokenizer import Tokenizer
-
-
-def load_model_state(state_path: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a Lightning checkpoint file, with the module's ``model.`` prefix removed."""
-    if state_path.is_dir():
-        raise ValueError(
-            f"{state_path} is a sharded checkpoint; consolidate it into one file first "
-            "(python -m tinytrain.consolidate)"
-        )
-    ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
-    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
 
 
 def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
@@ -34,7 +23,7 @@ def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
     config = LlamaConfig(**json.loads(config_file.read_text()))
     with torch.device("meta"):
         model = Llama(config)
-    model.load_state_dict(load_model_state(folder / STATE), strict=True, assign=True)
+    model.load_state_dict(load_model_weights(folder / STATE), strict=True, assign=True)
     _rebuild_rope(model)  # non-persistent buffers are not in the checkpoint
     return model.to(device).eval(), Tokenizer(tok_file)
 

@@ -182,8 +182,9 @@ class LitLlama(L.LightningModule):
         loss = torch.stack(self._val_losses).mean()
         # Every rank reads the same number of equal-length batches, so the mean of means is exact.
         loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
-        self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(loss), rank_zero_only=True)
+        # Already identical on every rank; sync_dist only tells Lightning so (no warning).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
         self._step_started = None  # validation time is not training throughput
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -69,3 +69,11 @@ class FSDP2(_model_parallel_strategy()):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+def register_strategy() -> None:
+    """Make `--trainer.strategy fsdp2` (a plain string) mean the FSDP2 strategy above."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "fsdp2" not in StrategyRegistry:
+        StrategyRegistry.register("fsdp2", FSDP2, description="FSDP2 (fully_shard) over every process")
