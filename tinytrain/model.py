@@ -158,7 +158,7 @@ _logged_backends: set[str] = set()
 
 
 def _note_backend(name: str) -> None:
-    if name not in _logged_backends:
+    if name not in _logged_backends and not torch.compiler.is_compiling():
         _logged_backends.add(name)
         log.info("attention backend: %s", name)
 
@@ -226,19 +226,16 @@ class LlamaAttention(nn.Module):
         return available
 
     def _sdpa(self, q, k, v, causal_offset: int) -> torch.Tensor:
-        if self.n_kv != self.n_head:
-            # Expand grouped KV heads: (B, n_kv, S, hd) -> (B, n_head, S, hd).
-            rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # enable_gqa lets each group of query heads read its KV head without copying K and V.
+        gqa = self.n_kv != self.n_head
         T, S = q.size(2), k.size(2)
         if causal_offset == 0 and T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if T == 1:  # one new token attends to everything cached
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         # A chunk of T new tokens after causal_offset cached ones.
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=causal_offset)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class LlamaMLP(nn.Module):

@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_vs_transformers_benchmark_writes_its_json(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_transformers.py"), "--preset", "ci",
+                           "--batch", "2", "--seq", "32", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                           "--no-compile", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_s"]) == {"tinytrain", "transformers"}
+    assert all(v > 0 for v in result["tokens_per_s"].values())
+    ratio = result["median_step_s"]["transformers"] / result["median_step_s"]["tinytrain"]
+    assert result["ratio_tinytrain_over_transformers"] == pytest.approx(ratio)
+    # Same weights and batch: both models compute the same loss, so the race is fair.
+    assert result["initial_loss"]["tinytrain"] == pytest.approx(result["initial_loss"]["transformers"], abs=1e-5)
+    assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    assert len(result["step_times_s"]["tinytrain"]) == 2
