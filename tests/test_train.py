@@ -120,6 +120,7 @@ def test_vocab_smaller_than_the_shards_is_refused(prepared, tmp_path):
     assert tree_digest(prepared) == before
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(code_corpus, tmp_path):
     """SIGKILL at an arbitrary step after the first checkpoint; the same command continues to
     bit-identical final weights and the same per-step losses as an uninterrupted run."""
@@ -172,6 +173,7 @@ def test_wandb_offline_logging(code_corpus, tmp_path):
     assert series(metrics(tmp_path / "runs" / "ci"), "train/loss")  # the CSV logger still runs beside it
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_sharded_checkpoint_resumes_on_one(code_corpus, tmp_path):
     """FSDP2 on CPU with gloo: each rank writes its own shard; the run resumes on one process;
     generate reads the sharded checkpoint without a process group."""

@@ -2,6 +2,7 @@
 
     tinytrain fit --config recipes/tiny.yaml [--trainer.max_steps 50 ...]   train (LightningCLI)
     tinytrain validate --config recipes/tiny.yaml                          validation loss only
+    tinytrain prepare --corpus DIR --out DIR                               text files to shards
     tinytrain generate CHECKPOINT --prompt TEXT                            sample text
     tinytrain consolidate CHECKPOINT OUT.pt                                one plain weights file
 """
@@ -18,10 +19,11 @@ from tinytrain.checkpoint import Checkpointing, ConfigSaver, latest_checkpoint
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,generate,consolidate} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,consolidate} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
+  prepare    text files to shards: tinytrain prepare --corpus DIR --out DIR [--tokenizer T.model]
   generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
 
@@ -62,6 +64,30 @@ def _setup_logging() -> None:
     logging.getLogger("tinytrain").setLevel(logging.INFO)
 
 
+def prepare_main(argv: list[str]) -> None:
+    import argparse
+    from pathlib import Path
+
+    from tinytrain.corpus import prepare_text_folder
+
+    parser = argparse.ArgumentParser(
+        prog="tinytrain prepare",
+        description="Tokenize a folder of text files (.py .txt .md .rst) into shards + manifest for `fit --data.path`.")
+    parser.add_argument("--corpus", required=True, help="folder of text files; each file is one document")
+    parser.add_argument("--out", required=True, help="the prepared folder to create (must not exist)")
+    parser.add_argument("--tokenizer", help="a sentencepiece .model to use (e.g. Llama-2's); default: train one")
+    parser.add_argument("--vocab_size", type=int, default=32000,
+                        help="pieces of the trained tokenizer, or the model's vocab size with --tokenizer")
+    parser.add_argument("--val_fraction", type=float, default=0.02, help="share of documents held out")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        parser.error(f"--out {out} already exists; choose a new folder (prepared folders are never overwritten)")
+    prepare_text_folder(Path(args.corpus), out, args.vocab_size,
+                        tokenizer=Path(args.tokenizer) if args.tokenizer else None, val_fraction=args.val_fraction)
+    print(out)
+
+
 def consolidate_main(argv: list[str]) -> None:
     import argparse
 
@@ -88,6 +114,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return generate_main(argv[1:])
     if argv[0] == "consolidate":
         return consolidate_main(argv[1:])
+    if argv[0] == "prepare":
+        return prepare_main(argv[1:])
     if argv[0] not in TinyTrainCLI.subcommands():
         print(f"tinytrain: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
