@@ -19,7 +19,7 @@ def make_cli(*args):
 
 
 def test_every_recipe_is_tested():
-    assert {p.stem for p in RECIPE_FILES} == {"ci", "tiny", "tinyllama-1.1b"}
+    assert {p.stem for p in RECIPE_FILES} == {"ci", "tiny", "tinyllama-1.1b", "tinyllama-1.1b-continue"}
 
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: p.stem)
@@ -33,14 +33,16 @@ def test_recipe_prints_its_resolved_config(recipe, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: p.stem)
 def test_recipe_instantiates(recipe, prepared):
+    extra = ["--model.init_from", prepared] if "continue" in recipe.stem else []
     cli = make_cli("--config", recipe, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                   "--data.path", prepared)
+                   "--data.path", prepared, *extra)
     config = cli.model.config
     with torch.device("meta"):
         model = Llama(config)
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
     assert cli.datamodule.vocab_size == config.vocab_size  # linked from the model
-    preset = {"ci": "ci", "tiny": "tiny", "tinyllama-1.1b": "tinyllama-1.1b"}[recipe.stem]
+    preset = {"ci": "ci", "tiny": "tiny", "tinyllama-1.1b": "tinyllama-1.1b",
+              "tinyllama-1.1b-continue": "tinyllama-1.1b"}[recipe.stem]
     assert config == LlamaConfig.from_name(preset)
 
 
@@ -60,6 +62,18 @@ def test_tinyllama_recipe_is_the_published_run(prepared):
     mid = (2000 + 1_430_512) // 2
     assert o.lr_at(mid) == pytest.approx((4e-4 + 4e-5) / 2, rel=1e-4)
     assert o.lr_at(1_430_512) == pytest.approx(4e-5) and o.lr_at(2_000_000) == pytest.approx(4e-5)
+
+
+def test_continue_recipe_starts_from_weights_with_a_fresh_schedule(prepared):
+    cli = make_cli("--config", RECIPES / "tinyllama-1.1b-continue.yaml", "--trainer.accelerator", "cpu",
+                   "--trainer.devices", "1", "--data.path", prepared, "--model.init_from", "ckpt",
+                   "--data.step_offset", "7")
+    assert cli.model.init_from == "ckpt" and cli.datamodule.step_offset == 7
+    o = cli.model.optim
+    assert o.lr_at(0) == 0 and o.warmup_steps < 1000 and o.lr == pytest.approx(4e-5)
+    with pytest.raises(ValueError, match="model.init_from is required by this recipe"):
+        make_cli("--config", RECIPES / "tinyllama-1.1b-continue.yaml", "--trainer.accelerator", "cpu",
+                 "--trainer.devices", "1", "--data.path", prepared)
 
 
 def test_tinyllama_recipe_demands_a_data_path():

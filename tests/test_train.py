@@ -197,3 +197,11 @@ def test_fsdp2_two_processes_sharded_checkpoint_resumes_on_one(code_corpus, tmp_
     gen = run_tinytrain("generate", tmp_path / "runs" / "ci", "--prompt", "def ", "--max_new_tokens", "10",
                         cwd=tmp_path)
     assert gen.stdout.startswith("def ")
+
+    # The sharded checkpoint exports to a Hugging Face folder on CPU, without a process group.
+    transformers = pytest.importorskip("transformers")
+    run_tinytrain("convert", "to-hf", state.parent, tmp_path / "hf", cwd=tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = {k: v for k, v in torch.load(out, weights_only=True).items()}
+    theirs = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

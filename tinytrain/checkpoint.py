@@ -70,6 +70,8 @@ def resolve_checkpoint(path: os.PathLike | str) -> Path:
     for candidate in (p, p / "last", p / "checkpoints" / "last"):
         if (candidate / "meta.json").is_file():
             return candidate.resolve()
+    if (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is a Hugging Face folder; convert it first: tinytrain convert from-hf {p} OUT")
     for folder in (p, p / "checkpoints"):
         found = latest_checkpoint(folder)
         if found is not None:
@@ -233,11 +235,16 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def load_model_weights(state_path: Path) -> dict[str, torch.Tensor]:
-    """The model's weights (HF-style names, no ``model.`` prefix) from a checkpoint's state: a
-    single Lightning file, or a sharded folder written by several ranks. Needs no GPU and no
-    process group, and reads no optimizer state."""
-    state_path = Path(state_path)
+def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's weights (tinytrain names) from a checkpoint folder: converted weights
+    (model.safetensors), a single Lightning state file, or a state sharded by several ranks.
+    Needs no GPU and no process group, and reads no optimizer state."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "model.safetensors"))
+    state_path = folder / STATE
     if state_path.is_file():
         ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
         return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -269,7 +276,7 @@ def load_model_weights(state_path: Path) -> dict[str, torch.Tensor]:
 def consolidate(checkpoint, out: os.PathLike | str) -> Path:
     """Write a checkpoint's model weights as one plain state-dict file (torch.save), atomically."""
     folder = resolve_checkpoint(checkpoint)
-    weights = load_model_weights(folder / STATE)
+    weights = load_model_weights(folder)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

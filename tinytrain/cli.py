@@ -4,6 +4,7 @@
     tinytrain validate --config recipes/tiny.yaml                          validation loss only
     tinytrain prepare --corpus DIR --out DIR                               text files to shards
     tinytrain generate CHECKPOINT --prompt TEXT                            sample text
+    tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT           Hugging Face Llama folders
     tinytrain consolidate CHECKPOINT OUT.pt                                one plain weights file
 """
 
@@ -19,12 +20,13 @@ from tinytrain.checkpoint import Checkpointing, ConfigSaver, latest_checkpoint
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,prepare,generate,consolidate} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
   prepare    text files to shards: tinytrain prepare --corpus DIR --out DIR [--tokenizer T.model]
   generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
+  convert    Hugging Face Llama:  tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
 
 `tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
@@ -88,6 +90,33 @@ def prepare_main(argv: list[str]) -> None:
     print(out)
 
 
+def convert_main(argv: list[str]) -> None:
+    import argparse
+
+    from tinytrain import hf
+
+    parser = argparse.ArgumentParser(prog="tinytrain convert",
+                                     description="Convert between Hugging Face Llama folders and tinytrain checkpoints.")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    p_from = sub.add_parser("from-hf", help="HF LlamaForCausalLM folder -> tinytrain checkpoint folder")
+    p_from.add_argument("hf_dir")
+    p_from.add_argument("out")
+    p_to = sub.add_parser("to-hf", help="tinytrain checkpoint (sharded or not) -> HF LlamaForCausalLM folder")
+    p_to.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, or a run folder")
+    p_to.add_argument("out")
+    p_to.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                      help="weights' dtype in the export (default: as trained)")
+    args = parser.parse_args(argv)
+    try:
+        if args.direction == "from-hf":
+            print(hf.from_hf(args.hf_dir, args.out))
+        else:
+            print(hf.to_hf(args.checkpoint, args.out, args.dtype))
+    except (hf.HFFormatError, FileExistsError, FileNotFoundError) as e:
+        print(f"tinytrain convert: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def consolidate_main(argv: list[str]) -> None:
     import argparse
 
@@ -116,6 +145,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return consolidate_main(argv[1:])
     if argv[0] == "prepare":
         return prepare_main(argv[1:])
+    if argv[0] == "convert":
+        return convert_main(argv[1:])
     if argv[0] not in TinyTrainCLI.subcommands():
         print(f"tinytrain: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

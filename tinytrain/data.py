@@ -177,6 +177,7 @@ class TokenData(L.LightningDataModule):
         val_fraction: float = 0.02,
         verify: str = "header",
         num_workers: int = 1,
+        step_offset: int = 0,
     ) -> None:
         """Token shards for training and validation.
 
@@ -198,6 +199,8 @@ class TokenData(L.LightningDataModule):
             verify: "header" checks shard headers, sizes and the manifest at start-up; "full" also
                 re-hashes every file and scans every token id.
             num_workers: DataLoader worker processes.
+            step_offset: Optimizer step s reads global batch s + step_offset of the sample order:
+                where in the data stream a run (e.g. continued pretraining) starts.
         """
         super().__init__()
         if path == "???":
@@ -211,6 +214,9 @@ class TokenData(L.LightningDataModule):
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.seed, self.val_batches, self.val_fraction = seed, val_batches, val_fraction
         self.verify, self.num_workers = verify, num_workers
+        if step_offset < 0:
+            raise ValueError(f"data.step_offset must be >= 0, got {step_offset}")
+        self.step_offset = step_offset
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -283,8 +289,8 @@ class TokenData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The trainer has restored the step from the checkpoint (if any) before asking for this.
-        start = self.trainer.global_step if self.trainer else 0
-        stop = self.trainer.max_steps if self.trainer and self.trainer.max_steps >= 0 else None
+        start = (self.trainer.global_step if self.trainer else 0) + self.step_offset
+        stop = self.trainer.max_steps + self.step_offset if self.trainer and self.trainer.max_steps >= 0 else None
         return self._loader(self.train_dataset(start, stop))
 
     def val_dataloader(self) -> DataLoader:

@@ -8,12 +8,17 @@ from typing import Optional
 
 import torch
 
-from tinytrain.checkpoint import STATE, load_model_weights, resolve_checkpoint
+from tinytrain.checkpoint import load_model_weights, resolve_checkpoint
 from tinytrain.model import Llama, LlamaConfig
 from tinytrain.tokenizer import Tokenizer
 
 
 def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
+    """(model, tokenizer) from a tinytrain checkpoint (any form) or a Hugging Face Llama folder."""
+    from tinytrain import hf
+
+    if hf.is_hf_folder(path):
+        return hf.load_hf_model(Path(path), device)
     folder = resolve_checkpoint(path)
     config_file = folder / "model_config.json"
     tok_file = folder / "tokenizer.model"
@@ -23,17 +28,9 @@ def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
     config = LlamaConfig(**json.loads(config_file.read_text()))
     with torch.device("meta"):
         model = Llama(config)
-    model.load_state_dict(load_model_weights(folder / STATE), strict=True, assign=True)
-    _rebuild_rope(model)  # non-persistent buffers are not in the checkpoint
+    model.load_weights(load_model_weights(folder), assign=True)
+    model.init_rope()
     return model.to(device).eval(), Tokenizer(tok_file)
-
-
-def _rebuild_rope(model: Llama) -> None:
-    from tinytrain.model import rope_tables
-
-    c = model.config
-    cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=model.lm_head.weight.device)
-    model.rope_cos, model.rope_sin = cos, sin
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: float,
@@ -95,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="tinytrain generate", description="Continue a prompt with a trained model.")
-    parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, or a run folder")
+    parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, a run folder, or a HF Llama folder")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from BOS alone)")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -65,6 +66,7 @@ class LitLlama(L.LightningModule):
         attention: str = "auto",
         activation_checkpointing: bool = False,
         compile: bool = False,
+        init_from: Optional[str] = None,
     ) -> None:
         """A Llama model trained on next-token prediction.
 
@@ -74,10 +76,17 @@ class LitLlama(L.LightningModule):
             attention: "auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" or "flash-attn".
             activation_checkpointing: Recompute each block's activations in backward, to save memory.
             compile: torch.compile each transformer block.
+            init_from: Start from these weights (a tinytrain checkpoint folder, e.g. one made by
+                `tinytrain convert from-hf`, or a Hugging Face Llama folder) with a fresh optimizer
+                and step 0. Ignored when resuming a run from its own checkpoint.
         """
         super().__init__()
+        if init_from == "???":
+            raise ValueError("model.init_from is required by this recipe: pass --model.init_from with a checkpoint "
+                             "folder (e.g. from `tinytrain convert from-hf`) or a Hugging Face Llama folder")
         self.config, self.optim = config, optim
         self.attention, self.activation_checkpointing, self.compile_blocks = attention, activation_checkpointing, compile
+        self.init_from = init_from
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
         self._step_started: Optional[float] = None
@@ -104,7 +113,43 @@ class LitLlama(L.LightningModule):
             model = Llama(self.config)
             model.set_attention_backend(self.attention)
             self._apply_wrappers(model)
+        if self.init_from:
+            self._load_initial_weights(model)
         self.model = model
+
+    def _initial_weights(self) -> dict:
+        """The weights of ``init_from``, after checking its architecture against the recipe's."""
+        from tinytrain import hf
+        from tinytrain.checkpoint import load_model_weights, resolve_checkpoint
+
+        if hf.is_hf_folder(self.init_from):
+            config, _ = hf.check_hf_folder(Path(self.init_from))
+            _, stream = hf.hf_tensors(Path(self.init_from), config)
+            weights = dict(stream)
+        else:
+            folder = resolve_checkpoint(self.init_from)
+            import json
+
+            config = LlamaConfig(**json.loads((folder / "model_config.json").read_text()))
+            weights = load_model_weights(folder)
+        if config != self.config:
+            diff = {k: (v, getattr(self.config, k)) for k, v in asdict(config).items() if getattr(self.config, k) != v}
+            raise ValueError(f"model.init_from {self.init_from} has a different architecture: " + ", ".join(
+                f"model.config.{k}: init_from {a!r}, recipe {b!r}" for k, (a, b) in diff.items()))
+        return weights
+
+    def _load_initial_weights(self, model: Llama) -> None:
+        weights = self._initial_weights()
+        if self.config.tie_word_embeddings:
+            weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
+        with torch.no_grad():
+            if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2: each rank keeps its shard
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+            else:
+                model.load_weights(weights)
+        log.info("initialised from %s", self.init_from)
 
     def _apply_wrappers(self, model: Llama) -> None:
         if self.activation_checkpointing:
@@ -114,6 +159,17 @@ class LitLlama(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.init_from and dm is not None and getattr(dm, "folder", None) is not None:
+            from tinytrain import hf
+            from tinytrain.checkpoint import resolve_checkpoint
+            from tinytrain.tokenizer import Tokenizer
+
+            src = Path(self.init_from) if hf.is_hf_folder(self.init_from) else resolve_checkpoint(self.init_from)
+            if (src / "tokenizer.model").is_file() and \
+                    Tokenizer(src / "tokenizer.model").sha256 != Tokenizer(dm.tokenizer_path).sha256:
+                raise ValueError(
+                    f"model.init_from {self.init_from} was trained with another tokenizer than the data's "
+                    f"({dm.tokenizer_path}); prepare the data with {src / 'tokenizer.model'}")
         seq_len = getattr(dm, "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(

@@ -294,11 +294,22 @@ class Llama(nn.Module):
                 nn.init.normal_(p, 0.0, std, generator=generator)
             else:
                 nn.init.ones_(p)
-        device = self.rope_cos.device
-        if device.type != "meta":
-            cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        if self.rope_cos.device.type != "meta":
+            self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)build the RoPE tables on the weights' device; they are buffers no checkpoint stores."""
+        c = self.config
+        device = self.embed_tokens.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, device=device)
+
+    def load_weights(self, weights: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load a full set of weights (strict). With tied embeddings the head may be absent."""
+        if self.config.tie_word_embeddings:
+            weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
+        self.load_state_dict(weights, strict=True, assign=assign)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # assign=True would have untied them
 
     def set_attention_backend(self, backend: str) -> None:
         if backend not in ("auto", "sdpa", "flash-attn"):
