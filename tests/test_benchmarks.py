@@ -23,3 +23,27 @@ def test_vs_transformers_benchmark_writes_its_json(tmp_path):
     assert result["initial_loss"]["tinytrain"] == pytest.approx(result["initial_loss"]["transformers"], abs=1e-5)
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
     assert len(result["step_times_s"]["tinytrain"]) == 2
+
+
+@pytest.mark.slow
+def test_convert_memory_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "convert.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_memory.py"), "--preset", "ci",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["conversions"]) == {"from_hf", "to_hf", "to_hf_float32"}
+    for r in result["conversions"].values():
+        assert r["peak_rss_bytes"] >= result["process_baseline_rss_bytes"] * 0.5 and r["seconds"] > 0
+    assert result["output_bytes"]["to_hf_float32"] > 1.9 * result["output_bytes"]["to_hf"]  # bf16 -> fp32
+    assert result["round_trip_first_tensor_equal"] is True
+
+
+def test_generate_speed_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_speed.py"), "--preset", "ci",
+                           "--prompts", "8", "--new_tokens", "8", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["prompt_tokens"] == 8 and row["tokens_per_s_cache"] > 0 and row["tokens_per_s_no_cache"] > 0
