@@ -24,7 +24,9 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -114,14 +116,16 @@ class ConfigSaver(SaveConfigCallback):
 
 class Checkpointing(Callback):
     def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
-                 resume: bool = True) -> None:
-        """Periodic, atomic checkpoints and automatic resume.
+                 resume: bool = True, save_on_signal: bool = True) -> None:
+        """Periodic, atomic checkpoints, automatic resume, and checkpoint-and-requeue on SIGUSR1.
 
         Args:
             dirpath: Checkpoint folder; default ``<trainer.default_root_dir>/checkpoints``.
             every_n_steps: Save after every this many optimizer steps (and always at the end).
             keep_last: Keep this many newest checkpoints; older ones are deleted. 0 keeps all.
             resume: On start, continue from the newest complete checkpoint in dirpath, if any.
+            save_on_signal: On SIGUSR1 (SLURM's warning before a time limit or preemption), finish
+                the current step, save a checkpoint, requeue the SLURM job (when in one) and stop.
         """
         if every_n_steps <= 0:
             raise ValueError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
@@ -129,17 +133,43 @@ class Checkpointing(Callback):
             raise ValueError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
         self.dirpath = Path(dirpath).expanduser() if dirpath else None
         self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
+        self.save_on_signal = save_on_signal
         self._last_saved_step: Optional[int] = None
+        self._signalled = False
+        self._previous_handler = None
 
     def folder(self, trainer: L.Trainer) -> Path:
         return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self.save(trainer)
+    # --- preemption ----------------------------------------------------------------------------
+    # The handler only raises a flag. Saving inside a signal handler (as Lightning's own SLURM
+    # handler does) can interrupt a backward pass or an FSDP collective; instead every rank
+    # finishes the step, the ranks agree, and they save together at the step boundary.
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.save_on_signal and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_signal)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self._signalled
+        if self.save_on_signal and trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)  # any rank signalled
+        if trainer.global_step % self.every_n_steps == 0 or stop:
+            self.save(trainer)
+        if stop:
+            log.info("SIGUSR1: saved step %d; stopping", trainer.global_step)
+            if trainer.is_global_zero:
+                requeue_slurm_job()
+            trainer.should_stop = True
 
     def save(self, trainer: L.Trainer) -> Optional[Path]:
         step = trainer.global_step
@@ -209,6 +239,25 @@ class Checkpointing(Callback):
             doomed = path.with_name(".del-" + path.name)
             os.replace(path, doomed)  # never leave a half-deleted step-N behind
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (it restarts with the same command and resumes)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not requeue SLURM job %s: %s", job, e)
+        return False
+    if result.returncode:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job)
+    return True
 
 
 def _point_last(folder: Path, target: Path) -> None:
