@@ -55,13 +55,34 @@ def step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def damage(path: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from, or None if it looks complete: meta.json must
+    parse, and every file it lists must exist with the size it had when saved."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return "no meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable meta.json ({e})"
+    if not (path / STATE).exists():
+        return f"no {STATE}"
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} when saved"
+    return None
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
-    """The newest checkpoint folder in ``folder`` that holds a state and metadata; damaged ones are
-    skipped with a warning."""
+    """The newest complete checkpoint folder in ``folder``; damaged ones are skipped with a warning."""
     for step, path in reversed(step_dirs(Path(folder))):
-        if (path / STATE).exists() and (path / "meta.json").is_file():
+        problem = damage(path)
+        if problem is None:
             return path
-        log.warning("skipping incomplete checkpoint %s (no %s or meta.json)", path, STATE)
+        log.warning("skipping damaged checkpoint %s: %s", path, problem)
     return None
 
 
@@ -185,9 +206,17 @@ class Checkpointing(Callback):
             tmp.mkdir()
         trainer.strategy.barrier("tinytrain.checkpoint.mkdir")
         started = time.perf_counter()
-        trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
+        try:
+            trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
+            if trainer.is_global_zero:
+                self._write_sidecars(trainer, tmp, step, time.perf_counter() - started)
+        except OSError as e:
+            if trainer.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = folder / "last"
+            previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
+            raise RuntimeError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
         if trainer.is_global_zero:
-            self._write_sidecars(trainer, tmp, step, time.perf_counter() - started)
             if final.exists():  # re-saving a step that exists (e.g. end of an already finished run)
                 shutil.rmtree(tmp)
             else:
@@ -226,6 +255,8 @@ class Checkpointing(Callback):
             "save_seconds": round(seconds, 3),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "environment": environment(),
+            # Every file with its size, so a truncated or partly copied checkpoint is recognised.
+            "files": {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()},
         }
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 

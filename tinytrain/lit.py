@@ -245,10 +245,26 @@ class LitLlama(L.LightningModule):
 
     # --- checkpoints --------------------------------------------------------------------------
 
+    def _data_tokenizer_sha(self) -> Optional[str]:
+        from tinytrain.tokenizer import Tokenizer
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        try:
+            return Tokenizer(dm.tokenizer_path).sha256 if dm is not None and dm.folder is not None else None
+        except (AttributeError, OSError, ValueError):
+            return None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tinytrain"] = {"model_config": asdict(self.config)}
+        checkpoint["tinytrain"] = {"model_config": asdict(self.config), "tokenizer_sha256": self._data_tokenizer_sha()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved_tok = checkpoint.get("tinytrain", {}).get("tokenizer_sha256")
+        current_tok = self._data_tokenizer_sha()
+        if saved_tok and current_tok and saved_tok != current_tok:
+            raise ValueError(
+                f"the checkpoint was trained on data tokenized with tokenizer sha256 {saved_tok}, but the data "
+                f"now given ({self.trainer.datamodule.folder}) was made with sha256 {current_tok}; resume with "
+                "the original data, or start a new run (--checkpoint.resume false, or --model.init_from)")
         saved = checkpoint.get("tinytrain", {}).get("model_config")
         if saved is not None and saved != asdict(self.config):
             diff = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
