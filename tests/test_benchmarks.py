@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,19 @@ def test_generate_speed_benchmark_writes_its_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     row = json.loads(out.read_text())["rows"][0]
     assert row["prompt_tokens"] == 8 and row["tokens_per_s_cache"] > 0 and row["tokens_per_s_no_cache"] > 0
+
+
+@pytest.mark.slow
+def test_resume_cost_benchmark_writes_its_json(tmp_path, code_corpus):
+    out = tmp_path / "resume.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "resume_cost.py"), "--corpus", str(code_corpus),
+                           "--rounds", "1", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["steps"] == {"near": 10, "far": 1_000_000}
+    for name in ("near", "far"):
+        run = result["runs"][name][0]
+        assert 0 < run["restored_s"] < run["exit_s"]
+    assert set(result["data_path_first_batch_s"]) == {"10", "1000000", "1000000000"}
+    assert result["checkpoint"]["bytes"] > 0
