@@ -57,6 +57,26 @@ def prepared(tmp_path_factory, code_corpus) -> Path:
     return prepare_text_folder(code_corpus, tmp_path_factory.mktemp("prepared") / "code-512", 512, val_fraction=0.1)
 
 
+def metric_rows(run: Path) -> list[dict]:
+    """Every row of a run's CSV logs (``run`` is the recipe's run folder; resumed runs add versions)."""
+    import csv
+
+    rows = []
+    for path in sorted((run / "logs").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def train_losses(cwd: Path, recipe: str = "ci") -> dict[int, float]:
+    """step -> train/loss of the run made in ``cwd``."""
+    return dict(series(metric_rows(cwd / "runs" / recipe), "train/loss"))
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under folder (to show nothing was modified)."""
     return {

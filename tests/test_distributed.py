@@ -2,24 +2,13 @@
 initial weights: every global batch is read exactly once across ranks (so the per-step loss equals
 the one-process loss), and a checkpoint written at one world size resumes at another."""
 
-import csv
 import shutil
 
 import pytest
 
-from conftest import ci_args, run_tinytrain
+from conftest import ci_args, run_tinytrain, train_losses
 
 pytestmark = pytest.mark.slow
-
-
-def losses(run_dir):
-    out = {}
-    for path in sorted((run_dir / "runs" / "ci" / "logs").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    out[int(row["step"])] = float(row["train/loss"])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +45,7 @@ def test_every_sample_read_once_at_world_sizes_1_2_4(runner):
     one, _ = runner("w1-to-12", 1, 12)
     two, _ = runner("w2-to-8", 2, 8)
     four, _ = runner("w4-to-8", 4, 8)
-    l1, l2, l4 = losses(one), losses(two), losses(four)
+    l1, l2, l4 = train_losses(one), train_losses(two), train_losses(four)
     assert sorted(l1) == list(range(12)) and sorted(l2) == sorted(l4) == list(range(8))
     for step in range(8):
         assert l2[step] == pytest.approx(l1[step], rel=1e-5), step
@@ -69,7 +58,7 @@ def test_elastic_resume_continues_the_same_stream(runner, written, resumed):
     cont, proc = runner(f"w{written}-then-w{resumed}", resumed, 12, copy_from=first.name)
     assert "resuming from" in proc.stderr and "step-00000008" in proc.stderr
     # Losses do not depend on the world size (the test above), so one process is the reference.
-    after, expected = losses(cont), losses(runner("w1-to-12", 1, 12)[0])
+    after, expected = train_losses(cont), train_losses(runner("w1-to-12", 1, 12)[0])
     assert [s for s in after if s >= 8] == [8, 9, 10, 11]
     for step in range(8, 12):
         assert after[step] == pytest.approx(expected[step], rel=1e-5), step

@@ -1,5 +1,4 @@
 import json
-import shutil
 import struct
 
 import numpy as np
@@ -106,12 +105,19 @@ def test_missing_manifest_or_file(folder, tmp_path):
         shards.open_split(folder, "train")
 
 
-def test_existing_prepared_folder_is_never_replaced(tmp_path):
+def test_prepared_folders_appear_whole_and_are_never_replaced(tmp_path):
+    from tinytrain.fsutil import atomic_folder
+
     first = tmp_path / "a"
-    _prepare(first, 512, [[1, 2, 3]])
+    with atomic_folder(first) as tmp:
+        _prepare(tmp, 512, [[1, 2, 3]])
     before = tree_digest(first)
-    other = tmp_path / ".tmp"
-    _prepare(other, 512, [[4, 5, 6, 7]])
-    shards.replace_folder(other, first)
-    assert tree_digest(first) == before and not other.exists()
-    shutil.rmtree(first)
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_folder(first) as tmp:
+            pass
+    with pytest.raises(ShardError):
+        with atomic_folder(tmp_path / "b") as tmp:
+            _prepare(tmp, 512, [[1, 2, 3]])
+            raise ShardError("interrupted")
+    assert tree_digest(first) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing half-written is left

@@ -1,7 +1,6 @@
 """A real single-node SLURM cluster on localhost (slurm/local-cluster.sh), the project's sbatch
 script, 2 CPU tasks with FSDP2 over gloo, and preemption mid-run."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, RECIPES
+from conftest import RECIPES, ROOT, train_losses
 from tinytrain.checkpoint import load_model_weights
 
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
@@ -71,13 +70,7 @@ def wait_for_job(job: str, timeout: float = 420) -> None:
 
 
 def final_state(run: Path) -> tuple[dict, dict]:
-    losses = {}
-    for path in sorted((run / "runs" / "ci" / "logs").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses, load_model_weights(run / "runs" / "ci" / "checkpoints" / "last")
+    return train_losses(run), load_model_weights(run / "runs" / "ci" / "checkpoints" / "last")
 
 
 @pytest.fixture(scope="module")

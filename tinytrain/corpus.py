@@ -14,11 +14,11 @@ import logging
 import os
 import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 from tinytrain import shards
+from tinytrain.fsutil import atomic_folder
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,14 @@ def prepare_text_folder(
 ) -> Path:
     """Prepare ``corpus`` into ``out`` (shards, manifest.json, tokenizer.model); return ``out``.
 
-    The folder appears only when complete; an existing ``out`` is left as it is.
+    The folder appears only when complete; an existing ``out`` is never replaced.
     """
     corpus, out = Path(corpus), Path(out)
     files = list_corpus_files(corpus)
     docs = list(read_documents(files))
     if not docs:
         raise CorpusError(f"corpus folder {corpus}: none of its {len(files)} files holds readable UTF-8 text")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_folder(out) as tmp:
         tok_path = tmp / "tokenizer.model"
         if tokenizer is None:
             log.info("training a %d-piece BPE tokenizer on %s", vocab_size, corpus)
@@ -133,10 +130,6 @@ def prepare_text_folder(
                       "prep_version": PREP_VERSION},
             shard_tokens=shard_tokens,
         )
-        shards.replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -155,7 +148,11 @@ def cached_prepare(corpus: Optional[Path], cache_dir: Path, vocab_size: int, val
     """Prepare a text corpus (default: the standard library) once; later calls reuse the folder."""
     out = cached_prepare_path(corpus, cache_dir, vocab_size, val_fraction)
     if not (out / shards.MANIFEST).is_file():
-        prepare_text_folder(corpus if corpus is not None else stdlib_dir(), out, vocab_size, val_fraction=val_fraction)
+        try:
+            prepare_text_folder(corpus if corpus is not None else stdlib_dir(), out, vocab_size,
+                                val_fraction=val_fraction)
+        except FileExistsError:  # another process (another node) finished it first
+            pass
     return out
 
 

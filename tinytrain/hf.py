@@ -16,13 +16,13 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
 
+from tinytrain.fsutil import atomic_folder
 from tinytrain.model import LlamaConfig
 from tinytrain.tokenizer import Tokenizer
 
@@ -310,9 +310,7 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
         raise FileExistsError(f"{out} already exists; choose a new folder")
     config, hf_config = check_hf_folder(hf_dir)
     shapes, stream = hf_tensors(hf_dir, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         write_safetensors(tmp / WEIGHTS, stream, shapes, dtype=None, metadata={"source": hf_dir.name})
         (tmp / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         shutil.copyfile(hf_dir / "tokenizer.model", tmp / "tokenizer.model")
@@ -321,11 +319,6 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
                                   "torch_dtype": hf_config.get("torch_dtype", hf_config.get("dtype"))},
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -350,10 +343,7 @@ def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
     if missing:
         raise HFFormatError(f"{folder}: checkpoint lacks {', '.join(missing[:8])}")
     shapes = {to_hf_name(k): v for k, v in expected.items()}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         write_safetensors(tmp / WEIGHTS, ((to_hf_name(k), weights[k]) for k in expected), shapes, target,
                           metadata={"format": "pt"})
         del weights
@@ -362,11 +352,6 @@ def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
             {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "max_length": config.max_position_embeddings},
             indent=2) + "\n")
         write_tokenizer_files(tmp, folder / "tokenizer.model", config.max_position_embeddings)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,14 +269,6 @@ def open_split(
         shards.append(tokens)
         files.append(path)
     return TokenStream(shards, files)
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; an existing complete folder is never touched."""
-    if final.exists():
-        shutil.rmtree(tmp)
-        return
-    os.replace(tmp, final)
 
 
 def documents_to_shards(
