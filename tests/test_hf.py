@@ -208,9 +208,12 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
     arch = ["--model.config.hidden_size", hidden, "--model.config.intermediate_size", inter,
             "--model.config.num_hidden_layers", layers, "--model.config.num_attention_heads", heads,
             "--model.config.num_key_value_heads", kv, "--model.config.rms_norm_eps", "1e-6"]
-    args = ["fit", "--config", RECIPES / "ci.yaml", "--data.path", prepared, "--model.init_from", tmp_path / "tt",
-            "--trainer.max_steps", "3", "--model.optim.lr", "0", "--model.optim.min_lr", "0",
-            "--data.step_offset", "100", *arch]
+    def fit_args(steps):
+        return ["fit", "--config", RECIPES / "ci.yaml", "--data.path", prepared, "--model.init_from", tmp_path / "tt",
+                "--trainer.max_steps", steps, "--model.optim.lr", "0", "--model.optim.min_lr", "0",
+                "--data.step_offset", "100", *arch]
+
+    args = fit_args(3)
     proc = run_tinytrain(*args, cwd=tmp_path)
     assert "initialised from" in proc.stderr
     saved = torch.load(tmp_path / "runs" / "ci" / "checkpoints" / "last" / "state.ckpt", weights_only=True)
@@ -218,6 +221,9 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
     converted = load_file(str(tmp_path / "tt" / "model.safetensors"))
     for k, v in converted.items():
         assert torch.equal(saved["state_dict"]["model." + k], v), k
+    # Re-running the same command resumes the run: its own checkpoint, not init_from, is loaded.
+    again = run_tinytrain(*fit_args(5), cwd=tmp_path)
+    assert "resuming from" in again.stderr and "model.init_from" in again.stderr and "initialised from" not in again.stderr
     # A recipe whose architecture differs from init_from's is refused, naming the field.
     bad = run_tinytrain(*args[:-len(arch)], *arch[:-4], "--model.config.num_key_value_heads", "2",
                         "--trainer.default_root_dir", "runs/bad", cwd=tmp_path, check=False)

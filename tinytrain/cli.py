@@ -48,16 +48,17 @@ class TinyTrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         fit_config = self.config_init[self.subcommand]
-        if fit_config.get("ckpt_path") is not None:
-            return
-        ckpt_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, Checkpointing))
-        if not ckpt_cb.resume:
-            return
-        found = latest_checkpoint(ckpt_cb.folder(self.trainer))
-        if found is not None:
-            if self.trainer.is_global_zero:
-                log.info("resuming from %s", found)
-            fit_config["ckpt_path"] = str(found / "state.ckpt")
+        if fit_config.get("ckpt_path") is None:
+            ckpt_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, Checkpointing))
+            found = latest_checkpoint(ckpt_cb.folder(self.trainer)) if ckpt_cb.resume else None
+            if found is not None:
+                if self.trainer.is_global_zero:
+                    log.info("resuming from %s", found)
+                fit_config["ckpt_path"] = str(found / "state.ckpt")
+        if fit_config.get("ckpt_path") is not None and getattr(self.model, "init_from", None):
+            # The restored checkpoint replaces the weights: loading init_from too would only cost time.
+            log.info("resuming, so model.init_from %s is not loaded", self.model.init_from)
+            self.model.init_from = None
 
 
 def _setup_logging() -> None:

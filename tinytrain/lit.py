@@ -9,6 +9,7 @@ the step (nothing to restore on resume).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -58,6 +59,14 @@ class OptimConfig:
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
 
 
+def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on norm weights."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+
+
 class LitLlama(L.LightningModule):
     def __init__(
         self,
@@ -67,6 +76,8 @@ class LitLlama(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         init_from: Optional[str] = None,
+        peak_flops: Optional[float] = None,
+        loss_chunk_size: int = 0,
     ) -> None:
         """A Llama model trained on next-token prediction.
 
@@ -79,6 +90,10 @@ class LitLlama(L.LightningModule):
             init_from: Start from these weights (a tinytrain checkpoint folder, e.g. one made by
                 `tinytrain convert from-hf`, or a Hugging Face Llama folder) with a fresh optimizer
                 and step 0. Ignored when resuming a run from its own checkpoint.
+            peak_flops: Peak FLOP/s of one device, for the logged MFU; None looks GPUs up in a table
+                of bf16 peaks (tinytrain.model.PEAK_FLOPS) and logs no MFU on other devices.
+            loss_chunk_size: > 0 computes the loss this many tokens at a time, never holding fp32
+                logits for the whole micro-batch (0: the plain cross-entropy).
         """
         super().__init__()
         if init_from == "???":
@@ -87,9 +102,14 @@ class LitLlama(L.LightningModule):
         self.config, self.optim = config, optim
         self.attention, self.activation_checkpointing, self.compile_blocks = attention, activation_checkpointing, compile
         self.init_from = init_from
+        self.peak_flops = peak_flops
+        if loss_chunk_size < 0:
+            raise ValueError(f"model.loss_chunk_size must be >= 0, got {loss_chunk_size}")
+        self.loss_chunk_size = loss_chunk_size
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
         self._step_started: Optional[float] = None
+        self._peak: Optional[float] = None
         self._val_losses: list[torch.Tensor] = []
 
     # --- building -----------------------------------------------------------------------------
@@ -128,8 +148,6 @@ class LitLlama(L.LightningModule):
             weights = dict(stream)
         else:
             folder = resolve_checkpoint(self.init_from)
-            import json
-
             config = LlamaConfig(**json.loads((folder / "model_config.json").read_text()))
             weights = load_model_weights(folder)
         if config != self.config:
@@ -152,6 +170,7 @@ class LitLlama(L.LightningModule):
         log.info("initialised from %s", self.init_from)
 
     def _apply_wrappers(self, model: Llama) -> None:
+        model.loss_chunk_size = self.loss_chunk_size
         if self.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
         if self.compile_blocks:
@@ -178,12 +197,7 @@ class LitLlama(L.LightningModule):
             )
 
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        o = self.optim
-        return torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+        return adamw(self.model, self.optim)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -211,7 +225,8 @@ class LitLlama(L.LightningModule):
 
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        tokens_per_step = self.trainer.datamodule.global_batch_size * self.trainer.datamodule.seq_len
+        dm = self.trainer.datamodule
+        tokens_per_step = dm.global_batch_size * dm.seq_len
         mean_loss = total / accum
         self.log("train/loss", mean_loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", lr)
@@ -219,9 +234,27 @@ class LitLlama(L.LightningModule):
         self.log("train/tokens", float((step + 1) * tokens_per_step))
         now = time.perf_counter()
         if self._step_started is not None:
-            self.log("train/tokens_per_sec", tokens_per_step / (now - self._step_started), prog_bar=True)
+            # Time between step starts: in steady state this is the step time, with no extra sync.
+            tokens_per_sec = tokens_per_step / (now - self._step_started)
+            per_device = tokens_per_sec / self.trainer.world_size
+            flops = per_device * self.config.training_flops_per_token(dm.seq_len)
+            self.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
+            self.log("train/tokens_per_sec_per_device", per_device)
+            self.log("train/tflops_per_device", flops / 1e12)
+            if self._peak is not None:
+                self.log("train/mfu", flops / self._peak, prog_bar=True)
         self._step_started = now
         return mean_loss
+
+    def on_train_start(self) -> None:
+        from tinytrain.model import peak_flops
+
+        self._peak = self.peak_flops
+        if self._peak is None and self.device.type == "cuda":
+            self._peak = peak_flops(torch.cuda.get_device_name(self.device))
+            if self._peak is None:
+                log.info("no bf16 peak known for %s: set model.peak_flops to log MFU",
+                         torch.cuda.get_device_name(self.device))
 
     def on_train_epoch_start(self) -> None:
         self._step_started = None
