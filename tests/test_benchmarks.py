@@ -64,3 +64,27 @@ def test_resume_cost_benchmark_writes_its_json(tmp_path, code_corpus):
         assert 0 < run["restored_s"] < run["exit_s"]
     assert set(result["data_path_first_batch_s"]) == {"10", "1000000", "1000000000"}
     assert result["checkpoint"]["bytes"] > 0
+
+
+def test_throughput_benchmark_on_cpu_writes_its_json(tmp_path):
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "ci", "--steps", "2",
+                           "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["precision"] == "32-true" and r["peak_source"].startswith("measured")
+    assert r["tokens_per_s"] == pytest.approx(r["micro_batch"] * r["seq_len"] / r["median_step_s"])
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"])
+    assert 0 < r["mfu"] < 1.5 and r["peak_memory_bytes"] > 0 and len(r["step_times_s"]) == 2
+    assert r["machine"]["torch"] and r["attention"].startswith("sdpa")
+
+
+@pytest.mark.gpu
+def test_throughput_benchmark_on_gpu(tmp_path):
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny",
+                           "--steps", "3", "--warmup", "2", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["device"] != "cpu" and r["precision"] == "bf16-mixed" and r["peak_memory_bytes"] > 0

@@ -110,3 +110,45 @@ def test_loss_is_next_token_cross_entropy():
     logits = model(idx)
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), targets.reshape(-1))
     torch.testing.assert_close(model(idx, targets), expected)
+
+
+@pytest.mark.parametrize("preset", ["ci", "tiny"])
+def test_training_flops_formula_matches_the_flop_counter(preset):
+    """6N + 12LHQT against torch's own count of a forward and backward pass (matmuls and attention).
+    The MATH attention backend is used because the counter has no formula for CPU's fused kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = LlamaConfig.from_name(preset)
+    model = Llama(config)
+    batch, seq = 2, config.max_position_embeddings
+    idx = torch.randint(0, config.vocab_size, (batch, seq))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx, idx).backward()
+    counted = counter.get_total_flops() / (batch * seq)
+    assert counted == pytest.approx(config.training_flops_per_token(seq), rel=0.01)
+
+
+def test_tinyllama_flops_per_token_and_peak_table():
+    from tinytrain.model import peak_flops
+
+    config = LlamaConfig.from_name("tinyllama-1.1b")
+    # N without the input embedding: 1,100,048,384 - 32000 x 2048
+    assert config.num_params(include_embedding=False) == 1_034_512_384
+    assert config.training_flops_per_token(2048) == 6 * 1_034_512_384 + 12 * 22 * 32 * 64 * 2048
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("Some CPU") is None
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_fp32_within_bf16_tolerance():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci")).eval()
+    idx = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        reference = model(idx)
+        gpu = model.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = gpu(idx.cuda()).float().cpu()
+    rel = (logits - reference).norm() / reference.norm()
+    assert rel < 2e-2

@@ -48,3 +48,25 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(model_and_batch):
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(model_and_batch, chunk):
+    model, idx, targets = model_and_batch
+    chunked = copy.deepcopy(model)
+    chunked.loss_chunk_size = chunk
+    loss, grads = loss_and_grads(model, idx, targets)
+    loss_c, grads_c = loss_and_grads(chunked, idx, targets)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast(model_and_batch):
+    model, idx, targets = model_and_batch
+    chunked = copy.deepcopy(model)
+    chunked.loss_chunk_size = 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = loss_and_grads(model, idx, targets)
+        loss_c, grads_c = loss_and_grads(chunked, idx, targets)
+    assert abs(loss_c.item() - loss.item()) < 2e-2 and all(torch.isfinite(g).all() for g in grads_c.values())

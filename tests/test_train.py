@@ -1,6 +1,5 @@
 """End to end through the real `tinytrain` command, on the ci recipe and a corpus written by the tests."""
 
-import csv
 import json
 import os
 import signal
@@ -11,19 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ci_args, run_tinytrain, tree_digest
-
-
-def metrics(run_dir):
-    rows = []
-    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            rows += list(csv.DictReader(f))
-    return rows
-
-
-def series(rows, key):
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+from conftest import ci_args, metric_rows, run_tinytrain, series, tree_digest
 
 
 def model_weights(checkpoint_dir):
@@ -41,7 +28,7 @@ def trained(tmp_path_factory, code_corpus):
 
 def test_loss_falls_and_validation_is_logged(trained):
     _, run, _ = trained
-    rows = metrics(run)
+    rows = metric_rows(run)
     train = series(rows, "train/loss")
     val = series(rows, "val/loss")
     assert [s for s, _ in val] == [19, 39]
@@ -51,6 +38,8 @@ def test_loss_falls_and_validation_is_logged(trained):
     ppl = series(rows, "val/ppl")
     assert ppl[-1][1] == pytest.approx(torch.tensor(val[-1][1]).exp().item(), rel=1e-4)
     assert all(v > 0 for _, v in series(rows, "train/tokens_per_sec"))
+    assert all(v > 0 for _, v in series(rows, "train/tflops_per_device"))
+    assert not series(rows, "train/mfu")  # no peak is known for a CPU unless model.peak_flops is set
 
 
 def test_checkpoint_layout(trained):
@@ -81,7 +70,7 @@ def test_rerun_resumes_from_newest_checkpoint_and_prunes(trained, code_corpus, t
     assert "resuming from" in proc.stderr and "step-00000040" in proc.stderr
     ckpts = work / "runs" / "ci" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step-00000040", "step-00000060"]
-    steps = [s for s, _ in series(metrics(work / "runs" / "ci"), "train/loss")]
+    steps = [s for s, _ in series(metric_rows(work / "runs" / "ci"), "train/loss")]
     assert max(steps) == 59 and steps.count(9) == 1  # steps 40.. ran; 0..39 were not replayed
 
 
@@ -155,8 +144,8 @@ def test_killed_run_resumes_to_the_same_weights(code_corpus, tmp_path):
     a_opt, b_opt = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for idx in a_opt:
         assert torch.equal(a_opt[idx]["exp_avg_sq"], b_opt[idx]["exp_avg_sq"])
-    losses_a = dict(series(metrics(straight / "runs" / "ci"), "train/loss"))
-    losses_b = dict(series(metrics(killed / "runs" / "ci"), "train/loss"))
+    losses_a = dict(series(metric_rows(straight / "runs" / "ci"), "train/loss"))
+    losses_b = dict(series(metric_rows(killed / "runs" / "ci"), "train/loss"))
     resumed_steps = [s for s in losses_b if s >= 40]
     assert resumed_steps and all(losses_a[s] == losses_b[s] for s in resumed_steps)
 
@@ -165,12 +154,16 @@ def test_wandb_offline_logging(code_corpus, tmp_path):
     run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "2",
                            "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
                            "--trainer.logger.init_args.project", "tinytrain-test",
-                           "--trainer.logger.init_args.save_dir", "runs/ci"),
+                           "--trainer.logger.init_args.save_dir", "runs/ci", "--model.peak_flops", "1e11"),
                   cwd=tmp_path, env={"WANDB_MODE": "offline"})
     runs = list((tmp_path / "runs" / "ci" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     assert b"train/loss" in runs[0].read_bytes()
-    assert series(metrics(tmp_path / "runs" / "ci"), "train/loss")  # the CSV logger still runs beside it
+    rows = metric_rows(tmp_path / "runs" / "ci")
+    assert series(rows, "train/loss")  # the CSV logger still runs beside it
+    # with a peak given, MFU = achieved FLOP/s over the peak
+    mfu, tflops = dict(series(rows, "train/mfu")), dict(series(rows, "train/tflops_per_device"))
+    assert mfu and all(mfu[s] == pytest.approx(tflops[s] * 1e12 / 1e11, rel=1e-4) for s in mfu)
 
 
 @pytest.mark.slow
@@ -187,7 +180,7 @@ def test_fsdp2_two_processes_sharded_checkpoint_resumes_on_one(code_corpus, tmp_
     proc = run_tinytrain(*ci_args(code_corpus, *fsdp, "--trainer.devices", "1", "--trainer.max_steps", "30"),
                          cwd=tmp_path)
     assert "resuming from" in proc.stderr and "step-00000020" in proc.stderr
-    steps = [s for s, _ in series(metrics(tmp_path / "runs" / "ci"), "train/loss")]
+    steps = [s for s, _ in series(metric_rows(tmp_path / "runs" / "ci"), "train/loss")]
     assert max(steps) == 29
 
     out = tmp_path / "weights.pt"

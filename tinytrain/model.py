@@ -97,6 +97,29 @@ class LlamaConfig:
         return n
 
 
+    def training_flops_per_token(self, seq_len: int) -> int:
+        """FLOPs of one training token (forward + backward): 6 N + 12 L H Q T (PaLM, appendix B),
+        N the parameters without the input embedding, H heads of size Q, T the sequence length.
+        The attention term counts the full T x T score matrix, as published MFU figures do."""
+        n = self.num_params(include_embedding=False)
+        return 6 * n + 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+
+
+# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, without sparsity), for MFU.
+PEAK_FLOPS = {
+    "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """The bf16 peak of a GPU named like torch.cuda.get_device_name(), or None if unknown."""
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific name first
+        if key in device_name:
+            return PEAK_FLOPS[key]
+    return None
+
+
 PRESETS: dict[str, dict] = {
     # TinyLlama 1.1B (arXiv 2401.02385): exactly 1,100,048,384 parameters.
     "tinyllama-1.1b": dict(
@@ -114,6 +137,42 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
     ),
 }
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (hidden @ weight.T) against targets, ``chunk`` rows at a time.
+
+    Each chunk's gradients are computed in the forward pass (the loss is a scalar mean, so
+    d loss / d logits = (softmax - onehot) / N is known then), so only one chunk of fp32 logits
+    ever exists, instead of N x vocab for the whole batch, and nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = hidden.size(0)
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
+            hidden.device.type) else hidden.dtype
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
+            logits = (h_c @ w.T).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            probs = torch.exp(logits - lse[:, None])
+            probs[torch.arange(t_c.numel(), device=probs.device), t_c] -= 1.0
+            probs /= n  # d mean-loss / d logits
+            grad_hidden[start:start + chunk] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
+            grad_weight += (probs.to(compute_dtype).T @ h_c).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None
 
 
 class RMSNorm(nn.Module):
@@ -272,6 +331,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.loss_chunk_size = 0  # > 0: chunked cross-entropy (set from outside, like the attention backend)
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -333,7 +393,12 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, d)
         for block in self.layers:
             x = block(x, cos, sin, pos)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if targets is not None and self.loss_chunk_size > 0:
+            # (B, T, d) -> (B T, d): never materialises (B T, V) fp32 logits
+            return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                                   self.loss_chunk_size)
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
