@@ -267,11 +267,16 @@ class TokenData(L.LightningDataModule):
             )
         if len(self.val_blocks) < self.val_batches * per_val:
             fit = len(self.val_blocks) // per_val
-            log.warning("validation split holds %d batches, not %d: using %d", fit, self.val_batches, fit)
+            if self._is_rank_zero():
+                log.warning("validation split holds %d batches, not %d: using %d", fit, self.val_batches, fit)
             self.val_batches = fit
-        log.info("data %s: %d train blocks of %d tokens (%.1f steps per epoch), %d validation batches",
-                 self.folder, len(self.train_blocks), self.seq_len + 1,
-                 len(self.train_blocks) / self.global_batch_size, self.val_batches)
+        if self._is_rank_zero():
+            log.info("data %s: %d train blocks of %d tokens (%.1f steps per epoch), %d validation batches",
+                     self.folder, len(self.train_blocks), self.seq_len + 1,
+                     len(self.train_blocks) / self.global_batch_size, self.val_batches)
+
+    def _is_rank_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
 
     def setup(self, stage: str) -> None:
         if self.train_blocks is None:
