@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -237,7 +238,6 @@ class Checkpointing(Callback):
             (folder / "config.yaml").write_text(saver.config_text)
         config = getattr(module, "config", None)
         if config is not None:
-            from dataclasses import asdict
             (folder / "model_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         tokenizer = getattr(dm, "tokenizer_path", None) if dm is not None else None
         if tokenizer is not None and Path(tokenizer).is_file():

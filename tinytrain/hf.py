@@ -166,25 +166,24 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], s
     raw += b" " * (-len(raw) % 8)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    written = []
+    order = list(shapes)
+    written = 0
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, tensor in itertools.chain([first] if first is not None else [], tensors):
-            if name not in shapes:
-                raise HFFormatError(f"unexpected tensor {name}")
+            if written >= len(order) or name != order[written]:
+                raise HFFormatError(f"tensor {name} is unexpected or out of order")
             if tuple(tensor.shape) != tuple(shapes[name]):
                 raise HFFormatError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
-            if len(written) >= len(shapes) or list(shapes)[len(written)] != name:
-                raise HFFormatError(f"tensor {name} arrived out of order")
             data = tensor.detach().to("cpu", dtype).contiguous()
             f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-            written.append(name)
+            written += 1
         f.flush()
         os.fsync(f.fileno())
-    if len(written) != len(shapes):
+    if written != len(order):
         tmp.unlink()
-        missing = [n for n in shapes if n not in set(written)]
+        missing = order[written:]
         raise HFFormatError(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     os.replace(tmp, path)
     return path

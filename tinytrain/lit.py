@@ -121,8 +121,7 @@ class LitLlama(L.LightningModule):
         if isinstance(strategy, ModelParallelStrategy):
             with torch.device("meta"):
                 model = Llama(self.config)
-            model.set_attention_backend(self.attention)
-            self._apply_wrappers(model)
+            self._prepare_model(model)
             precision = str(self.trainer.precision)
             param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
             parallel.apply_fsdp(model, strategy.device_mesh["data_parallel"], param_dtype)
@@ -131,8 +130,7 @@ class LitLlama(L.LightningModule):
                 model.init_weights()
         else:
             model = Llama(self.config)
-            model.set_attention_backend(self.attention)
-            self._apply_wrappers(model)
+            self._prepare_model(model)
         if self.init_from:
             self._load_initial_weights(model)
         self.model = model
@@ -158,18 +156,21 @@ class LitLlama(L.LightningModule):
 
     def _load_initial_weights(self, model: Llama) -> None:
         weights = self._initial_weights()
-        if self.config.tie_word_embeddings:
-            weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
         with torch.no_grad():
             if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2: each rank keeps its shard
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                if self.config.tie_word_embeddings:  # state dicts list the shared head under both names
+                    weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
 
                 set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
             else:
                 model.load_weights(weights)
         log.info("initialised from %s", self.init_from)
 
-    def _apply_wrappers(self, model: Llama) -> None:
+    def _prepare_model(self, model: Llama) -> None:
+        """The switches applied from outside the model, before any sharding."""
+        model.set_attention_backend(self.attention)
         model.loss_chunk_size = self.loss_chunk_size
         if self.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)

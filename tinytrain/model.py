@@ -185,9 +185,6 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 whatever the compute dtype, as HF Llama does, then scale in x's dtype.
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, (length, head_dim) in fp32, in HF's rotate-half layout."""
