@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 
 from tinytrain import shards
 from tinytrain.corpus import CorpusError, list_corpus_files, prepare_text_folder
-from tinytrain.data import Blocks, TokenData, TrainSteps, grad_accumulation, permute, sample_blocks
+from tinytrain.data import Blocks, SampleOrder, TokenData, TrainSteps, grad_accumulation, permute, sample_blocks
 from tinytrain.tokenizer import Tokenizer
 
 
@@ -38,8 +38,8 @@ def blocks(prepared):
 
 
 def _steps(blocks, world, rank, start=0, stop=6, micro=2):
-    return TrainSteps(blocks, seed=7, global_batch=8, micro_batch=micro, rank=rank, world_size=world,
-                      start_step=start, stop_step=stop)
+    return TrainSteps(SampleOrder([blocks], seed=7), global_batch=8, micro_batch=micro, rank=rank,
+                      world_size=world, start_step=start, stop_step=stop)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -2,7 +2,7 @@
 
     tinytrain fit --config recipes/tiny.yaml [--trainer.max_steps 50 ...]   train (LightningCLI)
     tinytrain validate --config recipes/tiny.yaml                          validation loss only
-    tinytrain prepare --corpus DIR --out DIR                               text files to shards
+    tinytrain prepare --config data_prep/SPEC.yaml                         corpora to shards (see data_prep/)
     tinytrain generate CHECKPOINT --prompt TEXT                            sample text
     tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT           Hugging Face Llama folders
     tinytrain consolidate CHECKPOINT OUT.pt                                one plain weights file
@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Optional
-
-from lightning.pytorch.cli import LightningCLI
-
-from tinytrain.checkpoint import Checkpointing, ConfigSaver, latest_checkpoint
 
 log = logging.getLogger("tinytrain")
 
@@ -24,7 +22,7 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate} 
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
-  prepare    text files to shards: tinytrain prepare --corpus DIR --out DIR [--tokenizer T.model]
+  prepare    corpora to shards:   tinytrain prepare --config data_prep/SPEC.yaml | --verify DIR | tokenizer ...
   generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
   convert    Hugging Face Llama:  tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
@@ -33,43 +31,113 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate} 
 """
 
 
-class TinyTrainCLI(LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "validate": {"model", "dataloaders", "datamodule"}}
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(Checkpointing, "checkpoint")
-        # The data must know the model's vocabulary (to train a tokenizer, to check token ids).
-        parser.link_arguments("model.config.vocab_size", "data.vocab_size")
-        # Checkpoints are ours (atomic folders + `last`); Lightning's ModelCheckpoint would write a second set.
-        parser.set_defaults({"trainer.enable_checkpointing": False})
-
-    def before_fit(self) -> None:
-        fit_config = self.config_init[self.subcommand]
-        if fit_config.get("ckpt_path") is None:
-            ckpt_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, Checkpointing))
-            found = latest_checkpoint(ckpt_cb.folder(self.trainer)) if ckpt_cb.resume else None
-            if found is not None:
-                if self.trainer.is_global_zero:
-                    log.info("resuming from %s", found)
-                fit_config["ckpt_path"] = str(found / "state.ckpt")
-        if fit_config.get("ckpt_path") is not None and getattr(self.model, "init_from", None):
-            # The restored checkpoint replaces the weights: loading init_from too would only cost time.
-            log.info("resuming, so model.init_from %s is not loaded", self.model.init_from)
-            self.model.init_from = None
-
-
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     logging.getLogger("tinytrain").setLevel(logging.INFO)
 
 
+PREPARE_USAGE = """usage:
+  tinytrain prepare --config data_prep/SPEC.yaml [--workers N] [--out DIR] [--key value ...]
+  tinytrain prepare --verify DIR
+  tinytrain prepare tokenizer --config data_prep/SPEC.yaml --out T.model [--vocab_size 32000]
+  tinytrain prepare --corpus DIR --out DIR [--tokenizer T.model] [--vocab_size N] [--val_fraction F]
+
+  --config   a spec of sources (jsonl/jsonl.zst/parquet/txt folders or hub datasets) -> one folder each
+  --verify   re-check a prepared folder (or a spec's out folder): checksums, token ids, tokenizer
+  tokenizer  train a sentencepiece BPE tokenizer on a sample of a spec's sources
+  --corpus   a folder of text files, each one document (trains a tokenizer unless one is given)
+"""
+
+
 def prepare_main(argv: list[str]) -> None:
+    from tinytrain.prep import PrepError
+    from tinytrain.shards import ShardError
+
+    try:
+        if argv and argv[0] == "tokenizer":
+            return prepare_tokenizer_main(argv[1:])
+        if "--verify" in argv:
+            return prepare_verify_main(argv)
+        if any(a == "--config" or a.startswith("--config=") for a in argv):
+            return prepare_spec_main(argv)
+        if any(a == "--corpus" or a.startswith("--corpus=") for a in argv):
+            return prepare_corpus_main(argv)
+    except (PrepError, ShardError, FileNotFoundError, FileExistsError) as e:
+        print(f"tinytrain prepare: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    print(PREPARE_USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    if argv and argv[0] not in ("-h", "--help"):
+        raise SystemExit(2)
+
+
+def _spec_parser(prog: str, description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from tinytrain.prep import PrepSpec
+
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML spec (see data_prep/)")
+    parser.add_class_arguments(PrepSpec, None, as_group=False)
+    return parser
+
+
+def _spec_from(parser, cfg):
+    import dataclasses
+
+    from tinytrain.prep import PrepSpec
+
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    done = instantiate(cfg)
+    return PrepSpec(**{f.name: done[f.name] for f in dataclasses.fields(PrepSpec)})
+
+
+def prepare_spec_main(argv: list[str]) -> None:
+    from tinytrain.prep import prepare
+
+    parser = _spec_parser("tinytrain prepare", "Tokenize a spec's sources into one prepared folder each.")
+    spec = _spec_from(parser, parser.parse_args(argv))
+    for folder in prepare(spec, show_progress=sys.stderr.isatty() or bool(os.environ.get("TINYTRAIN_PROGRESS"))):
+        print(folder)
+
+
+def prepare_verify_main(argv: list[str]) -> None:
     import argparse
-    from pathlib import Path
+
+    from tinytrain.prep import prepared_folders, verify_folder
+
+    parser = argparse.ArgumentParser(prog="tinytrain prepare --verify")
+    parser.add_argument("--verify", required=True, help="a prepared folder, or a folder of them")
+    args = parser.parse_args(argv)
+    for folder in prepared_folders(Path(args.verify)):
+        print(verify_folder(folder))
+
+
+def prepare_tokenizer_main(argv: list[str]) -> None:
+    import argparse
+
+    from tinytrain.prep import train_spec_tokenizer
+
+    pre = argparse.ArgumentParser(prog="tinytrain prepare tokenizer", description=(
+        "Train a sentencepiece BPE tokenizer (byte fallback, unk=0 bos=1 eos=2) on a sample of a spec's sources."))
+    pre.add_argument("--config", required=True, help="the spec whose sources to sample")
+    pre.add_argument("--out", required=True, help="the .model file to write (must not exist)")
+    pre.add_argument("--vocab_size", type=int, default=32000)
+    pre.add_argument("--documents", type=int, default=200_000, help="documents to sample, spread over all files")
+    pre.add_argument("--max_lines", type=int, default=2_000_000, help="lines sentencepiece trains on at most")
+    args, rest = pre.parse_known_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        pre.error(f"--out {out} already exists; choose a new file")
+    parser = _spec_parser("tinytrain prepare tokenizer", "")
+    # out and tokenizer of the spec are those of the preparation, not needed here.
+    spec = _spec_from(parser, parser.parse_args(["--config", args.config, "--out", "-", "--tokenizer", "-", *rest]))
+    tok = train_spec_tokenizer(spec, out, args.vocab_size, args.documents, args.max_lines)
+    print(f"{out}: {tok.vocab_size} pieces, sha256 {tok.sha256}")
+
+
+def prepare_corpus_main(argv: list[str]) -> None:
+    import argparse
 
     from tinytrain.corpus import prepare_text_folder
 
@@ -148,10 +216,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         return prepare_main(argv[1:])
     if argv[0] == "convert":
         return convert_main(argv[1:])
+    from tinytrain.fitcli import TinyTrainCLI
+
     if argv[0] not in TinyTrainCLI.subcommands():
         print(f"tinytrain: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
 
+    from tinytrain.checkpoint import ConfigSaver
     from tinytrain.data import TokenData
     from tinytrain.lit import LitLlama
     from tinytrain.parallel import register_strategy
@@ -166,6 +237,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def __getattr__(name: str):
+    # The training CLI imports Lightning (seconds); `prepare`, `convert` and `--help` do not need it.
+    if name == "TinyTrainCLI":
+        from tinytrain.fitcli import TinyTrainCLI
+
+        return TinyTrainCLI
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":

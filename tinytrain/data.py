@@ -7,12 +7,17 @@ permutation is a keyed bijection of [0, n) (a Feistel network with cycle-walking
 any sample costs O(1) time and memory at any scale: no permutation array, no replay on resume.
 Global batch s is samples [s G, (s + 1) G); rank r of W reads its contiguous G / W of them,
 as G / (W m) micro-batches of m. Resuming needs only the restored step, on any world size.
+
+With a mixture of sources, a fixed interleaving by weight (``Mixture``) first maps sample k to
+(source, sample number within the source), still in O(1); each source then runs through its own
+epochs and permutations as above.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -111,33 +116,133 @@ class Blocks:
     def __len__(self) -> int:
         return self.n
 
+    def gather_into(self, out: np.ndarray, block_ids: np.ndarray) -> None:
+        for row, b in zip(out, block_ids):
+            start = int(b) * self.seq_len
+            row[:] = self.stream.slice(start, start + self.seq_len + 1)
+
     def gather(self, block_ids: np.ndarray) -> torch.Tensor:
         out = np.empty((len(block_ids), self.seq_len + 1), dtype=np.int64)
-        for row, b in enumerate(block_ids):
-            start = int(b) * self.seq_len
-            out[row] = self.stream.slice(start, start + self.seq_len + 1)
+        self.gather_into(out, block_ids)
         return torch.from_numpy(out)
+
+    def file_of(self, block: int) -> Path:
+        return self.stream.file_at(int(block) * self.seq_len)
+
+
+MIXTURE_PERIOD = 1_000_000
+SOURCE_SEED_STRIDE = 1_000_003
+
+
+class Mixture:
+    """Which source, and which of that source's samples, global sample k is: O(1) per sample.
+
+    Each period of P = 1,000,000 samples holds q_i = round(w_i P) samples of source i (largest
+    remainders, so the q_i sum to P), in the order of their ideal times (j + 1/2) / q_i, ties to
+    the lower source index. Any window of the order thus holds each source in proportion to its
+    weight, up to one sample, and sample k is source ``pattern[k mod P]``'s sample number
+    ``(k div P) q_i + rank[k mod P]``. A single source is the identity.
+    """
+
+    def __init__(self, weights: list[float], period: int = MIXTURE_PERIOD) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ValueError(f"mixture weights must be positive numbers, got {list(weights)}")
+        period = 1 if len(w) == 1 else period
+        ideal = w / w.sum() * period
+        quotas = np.floor(ideal).astype(np.int64)
+        short = period - int(quotas.sum())
+        quotas[np.argsort(-(ideal - quotas), kind="stable")[:short]] += 1
+        if np.any(quotas == 0):
+            raise ValueError(f"mixture weight {w[quotas == 0][0]} is below 1/{period} of the total {w.sum()}")
+        source = np.repeat(np.arange(len(w)), quotas)
+        rank = np.concatenate([np.arange(q) for q in quotas])
+        order = np.lexsort((source, (rank + 0.5) / quotas[source]))
+        self.period, self.quotas = period, quotas
+        self.weights = quotas / period
+        self.pattern, self.rank = source[order], rank[order]
+
+    def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, sample number within the source) of each global sample id."""
+        cycle, pos = np.divmod(np.asarray(samples, dtype=np.int64), self.period)
+        source = self.pattern[pos]
+        return source, cycle * self.quotas[source] + self.rank[pos]
+
+    def drawn(self, n: int) -> np.ndarray:
+        """How many of the first n global samples each source supplied."""
+        cycle, pos = divmod(int(n), self.period)
+        return cycle * self.quotas + np.bincount(self.pattern[:pos], minlength=len(self.quotas))
+
+
+class SampleOrder:
+    """The run's global order over one or several sources: sample k -> tokens.
+
+    Source s's own samples run through epochs of its n_s blocks, each a fresh permutation keyed
+    by (seed + 1,000,003 s, epoch), so a source that runs out starts its next epoch, reshuffled,
+    independently of the others.
+    """
+
+    def __init__(self, blocks: list[Blocks], seed: int, weights: Optional[list[float]] = None) -> None:
+        self.blocks, self.seed = blocks, seed
+        self.mixture = Mixture(weights if weights is not None else [1.0] * len(blocks))
+        self.seq_len = blocks[0].seq_len
+
+    def source_seed(self, source: int) -> int:
+        return self.seed + SOURCE_SEED_STRIDE * source
+
+    def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, block within the source) of each global sample id."""
+        source, index = self.mixture.locate(samples)
+        block = np.empty_like(index)
+        for s in np.unique(source):
+            sel = source == s
+            block[sel] = sample_blocks(index[sel], len(self.blocks[s]), self.source_seed(int(s)))
+        return source, block
+
+    def gather(self, samples: np.ndarray) -> np.ndarray:
+        source, block = self.locate(samples)
+        out = np.empty((len(block), self.seq_len + 1), dtype=np.int64)
+        for s in np.unique(source):
+            sel = source == s
+            rows = np.empty((int(sel.sum()), self.seq_len + 1), dtype=np.int64)
+            self.blocks[s].gather_into(rows, block[sel])
+            out[sel] = rows
+        return out
+
+    def epochs(self, samples: int) -> np.ndarray:
+        """Epochs of each source that the first ``samples`` global samples cover (fractional)."""
+        return self.mixture.drawn(samples) / np.array([len(b) for b in self.blocks], dtype=np.float64)
 
 
 class TrainSteps(IterableDataset):
     """Yields, for each optimizer step from ``start_step``, this rank's (accum, micro, seq_len + 1) tokens.
 
     With several loader workers, worker w yields steps start + w, start + w + n_workers, ...;
-    the DataLoader interleaves them round-robin, so the order is unchanged.
+    the DataLoader interleaves them round-robin, so the order is unchanged. A token id at or above
+    ``vocab_size`` (a shard altered after it was checked) stops the run naming its file, instead of
+    reaching the embedding as an out-of-range index.
     """
 
-    def __init__(self, blocks: Blocks, seed: int, global_batch: int, micro_batch: int, rank: int,
-                 world_size: int, start_step: int, stop_step: Optional[int]) -> None:
-        self.blocks, self.seed = blocks, seed
+    def __init__(self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int,
+                 world_size: int, start_step: int, stop_step: Optional[int], vocab_size: Optional[int] = None) -> None:
+        self.order = order
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.accum = grad_accumulation(global_batch, micro_batch, world_size)
         self.start_step, self.stop_step = start_step, stop_step
+        self.vocab_size = vocab_size
 
     def step_batch(self, step: int) -> torch.Tensor:
-        ids = sample_blocks(rank_samples(step, self.global_batch, self.rank, self.world_size),
-                            len(self.blocks), self.seed)
-        return self.blocks.gather(ids).view(self.accum, self.micro_batch, -1)
+        samples = rank_samples(step, self.global_batch, self.rank, self.world_size)
+        tokens = self.order.gather(samples)
+        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+            row = int(np.flatnonzero((tokens >= self.vocab_size).any(axis=1))[0])
+            source, block = self.order.locate(samples[row:row + 1])
+            path = self.order.blocks[int(source[0])].file_of(int(block[0]))
+            raise shards.ShardError(f"{path}: holds token id {int(tokens[row].max())} >= the model's vocab_size "
+                                    f"{self.vocab_size}; the file changed after preparation (check it with "
+                                    "`tinytrain prepare --verify`)")
+        return torch.from_numpy(tokens).view(self.accum, self.micro_batch, -1)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
@@ -161,10 +266,23 @@ class ValBatches(IterableDataset):
             yield self.blocks.gather(np.arange(first, first + self.micro_batch))
 
 
+@dataclass
+class DataSource:
+    """One prepared folder of a training mixture."""
+
+    path: str
+    """A prepared folder (made by `tinytrain prepare`); a relative path is taken inside data.path."""
+    weight: float = 1.0
+    """Share of training samples drawn from this source (weights are normalized to sum to 1)."""
+    name: Optional[str] = None
+    """Name in logs and metrics (default: the folder's name)."""
+
+
 class TokenData(L.LightningDataModule):
     def __init__(
         self,
         path: Optional[str] = None,
+        sources: Optional[list[DataSource]] = None,
         corpus: Optional[str] = None,
         cache_dir: Optional[str] = None,
         tokenizer: Optional[str] = None,
@@ -179,13 +297,18 @@ class TokenData(L.LightningDataModule):
         num_workers: int = 1,
         step_offset: int = 0,
     ) -> None:
-        """Token shards for training and validation.
+        """Token shards for training and validation: one prepared folder, or a weighted mixture.
 
         Args:
-            path: A prepared data folder (manifest.json + shards, made by `tinytrain prepare`).
-                When unset, the text files of ``corpus`` are prepared on first use and cached.
-            corpus: A folder of text files to prepare when ``path`` is unset; unset means the
-                embedded default corpus, this Python's standard library source.
+            path: A prepared data folder (manifest.json + shards, made by `tinytrain prepare`); with
+                ``sources``, the folder their relative paths are read from. When both are unset, the
+                text files of ``corpus`` are prepared on first use and cached.
+            sources: A training mixture: prepared folders with weights, e.g. TinyLlama's
+                [{path: slimpajama, weight: 0.693584}, {path: starcoder, weight: 0.306416}]. Each
+                source runs through its own epochs, reshuffled each time; validation reads every
+                source (val/loss is their mean, val/loss/<name> each one).
+            corpus: A folder of text files to prepare when ``path`` and ``sources`` are unset; unset
+                means the embedded default corpus, this Python's standard library source.
             cache_dir: Where prepared corpora are cached (default $TINYTRAIN_CACHE or ~/.cache/tinytrain).
             tokenizer: A sentencepiece .model the shards must have been made with (checked by hash);
                 unset means the tokenizer stored in the prepared folder.
@@ -194,7 +317,7 @@ class TokenData(L.LightningDataModule):
             global_batch_size: Sequences per optimizer step, whatever the number of devices.
             micro_batch_size: Sequences per forward/backward pass on one device.
             seed: Seed of the sample order.
-            val_batches: Validation micro-batches per device at each validation.
+            val_batches: Validation micro-batches per device and source at each validation.
             val_fraction: Share of documents held out for validation when preparing a corpus.
             verify: "header" checks shard headers, sizes and the manifest at start-up; "full" also
                 re-hashes every file and scans every token id.
@@ -207,6 +330,13 @@ class TokenData(L.LightningDataModule):
             raise ValueError("data.path is required by this recipe: pass --data.path with a prepared data folder "
                              "(made by `tinytrain prepare`)")
         self.path = Path(path).expanduser() if path else None
+        self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in (sources or [])]
+        for i, src in enumerate(self.sources):
+            if not src.weight > 0 or not math.isfinite(src.weight):
+                raise ValueError(f"data.sources[{i}].weight must be a positive number, got {src.weight}")
+        names = [self._source_name(s) for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources have repeated names {names}; give each a distinct name")
         self.corpus = Path(corpus).expanduser() if corpus else None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else corpus_mod.default_cache_dir()
         self.tokenizer_file = Path(tokenizer).expanduser() if tokenizer else None
@@ -222,21 +352,39 @@ class TokenData(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if verify not in ("header", "full"):
             raise ValueError(f"data.verify must be 'header' or 'full', got {verify!r}")
-        self.folder: Optional[Path] = None
-        self.train_blocks: Optional[Blocks] = None
-        self.val_blocks: Optional[Blocks] = None
+        self.folders: list[Path] = []
+        self.names: list[str] = []
+        self.order: Optional[SampleOrder] = None
+        self.val_sets: list[Blocks] = []
+        self.val_batches_per_source: list[int] = []
 
     # --- locating and checking the data -------------------------------------------------------
 
-    def prepared_folder(self, prepare: bool) -> Path:
+    @staticmethod
+    def _source_name(source: DataSource) -> str:
+        return source.name or Path(source.path).name
+
+    def source_folders(self, prepare: bool) -> list[Path]:
+        if self.sources:
+            return [Path(s.path).expanduser() if self.path is None else self.path / Path(s.path).expanduser()
+                    for s in self.sources]
         if self.path is not None:
-            return self.path
-        return corpus_mod.cached_prepare(self.corpus, self.cache_dir, self.vocab_size, self.val_fraction) if prepare \
-            else corpus_mod.cached_prepare_path(self.corpus, self.cache_dir, self.vocab_size, self.val_fraction)
+            return [self.path]
+        args = (self.corpus, self.cache_dir, self.vocab_size, self.val_fraction)
+        return [corpus_mod.cached_prepare(*args) if prepare else corpus_mod.cached_prepare_path(*args)]
+
+    @property
+    def folder(self) -> Optional[Path]:
+        """The (first) prepared folder, once opened."""
+        return self.folders[0] if self.folders else None
+
+    @property
+    def train_blocks(self) -> Optional[Blocks]:
+        return self.order.blocks[0] if self.order is not None else None
 
     def prepare_data(self) -> None:
         # Called on one process per node before setup(): tokenize the corpus once.
-        self.prepared_folder(prepare=True)
+        self.source_folders(prepare=True)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -250,36 +398,54 @@ class TokenData(L.LightningDataModule):
         return path
 
     def open(self, world_size: int = 1) -> None:
-        """Check and memory-map both splits; raise before any training on bad data."""
-        self.folder = self.prepared_folder(prepare=False)
+        """Check and memory-map every source's splits; raise before any training on bad data."""
+        folders = self.source_folders(prepare=False)
+        names = [self._source_name(s) for s in self.sources] if self.sources else [folders[0].name]
         sha = Tokenizer(self.tokenizer_file).sha256 if self.tokenizer_file is not None else None
-        train = shards.open_split(self.folder, "train", self.vocab_size, sha, self.verify)
-        val = shards.open_split(self.folder, "val", self.vocab_size, sha, self.verify)
-        self.train_blocks, self.val_blocks = Blocks(train, self.seq_len), Blocks(val, self.seq_len)
-        if len(self.train_blocks) == 0:
-            raise shards.ShardError(f"{self.folder}: training split has {len(train)} tokens, fewer than seq_len + 1")
+        if sha is None and len(folders) > 1:
+            # All sources must share one tokenizer: the first one's, unless data.tokenizer names it.
+            sha = shards.read_manifest(folders[0])["tokenizer"].get("sha256")
         grad_accumulation(self.global_batch_size, self.micro_batch_size, world_size)
         per_val = self.micro_batch_size * world_size
-        if len(self.val_blocks) < per_val:
-            raise shards.ShardError(
-                f"{self.folder}: validation split has {len(val)} tokens, fewer than one validation batch "
-                f"({per_val} sequences of {self.seq_len + 1}); raise data.val_fraction or lower seq_len"
-            )
-        if len(self.val_blocks) < self.val_batches * per_val:
-            fit = len(self.val_blocks) // per_val
-            if self._is_rank_zero():
-                log.warning("validation split holds %d batches, not %d: using %d", fit, self.val_batches, fit)
-            self.val_batches = fit
+        train_sets, val_sets, val_batches = [], [], []
+        for folder in folders:
+            train = Blocks(shards.open_split(folder, "train", self.vocab_size, sha, self.verify), self.seq_len)
+            val = Blocks(shards.open_split(folder, "val", self.vocab_size, sha, self.verify), self.seq_len)
+            if len(train) == 0:
+                raise shards.ShardError(f"{folder}: training split has {len(train.stream)} tokens, "
+                                        "fewer than seq_len + 1")
+            if len(val) < per_val:
+                raise shards.ShardError(
+                    f"{folder}: validation split has {len(val.stream)} tokens, fewer than one validation batch "
+                    f"({per_val} sequences of {self.seq_len + 1}); raise data.val_fraction or lower seq_len"
+                )
+            fit = min(self.val_batches, len(val) // per_val)
+            if fit < self.val_batches and self._is_rank_zero():
+                log.warning("%s: validation split holds %d batches, not %d: using %d", folder, fit,
+                            self.val_batches, fit)
+            train_sets.append(train)
+            val_sets.append(val)
+            val_batches.append(fit)
+        weights = [s.weight for s in self.sources] if self.sources else None
+        self.order = SampleOrder(train_sets, self.seed, weights)
+        self.folders, self.names, self.val_sets, self.val_batches_per_source = folders, names, val_sets, val_batches
         if self._is_rank_zero():
-            log.info("data %s: %d train blocks of %d tokens (%.1f steps per epoch), %d validation batches",
-                     self.folder, len(self.train_blocks), self.seq_len + 1,
-                     len(self.train_blocks) / self.global_batch_size, self.val_batches)
+            for name, folder, train, w, vb in zip(names, folders, train_sets, self.order.mixture.weights, val_batches):
+                log.info("data %s (%s): weight %.6f, %d train blocks of %d tokens (%.1f epochs per 1000 steps), "
+                         "%d validation batches", name, folder, w, len(train), self.seq_len + 1,
+                         1000 * self.global_batch_size * w / len(train), vb)
+
+    def epochs_completed(self, steps: int) -> dict[str, float]:
+        """Epochs of each source read by the first ``steps`` optimizer steps (fractional), with step_offset."""
+        assert self.order is not None, "setup() first"
+        epochs = self.order.epochs((steps + self.step_offset) * self.global_batch_size)
+        return dict(zip(self.names, epochs.tolist()))
 
     def _is_rank_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
 
     def setup(self, stage: str) -> None:
-        if self.train_blocks is None:
+        if self.order is None:
             self.open(self.trainer.world_size if self.trainer else 1)
 
     # --- loaders ------------------------------------------------------------------------------
@@ -289,8 +455,8 @@ class TokenData(L.LightningDataModule):
 
     def train_dataset(self, start_step: int, stop_step: Optional[int]) -> TrainSteps:
         rank, world = self._rank()
-        return TrainSteps(self.train_blocks, self.seed, self.global_batch_size, self.micro_batch_size,
-                          rank, world, start_step, stop_step)
+        return TrainSteps(self.order, self.global_batch_size, self.micro_batch_size, rank, world, start_step,
+                          stop_step, vocab_size=self.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
         # The trainer has restored the step from the checkpoint (if any) before asking for this.
@@ -298,9 +464,11 @@ class TokenData(L.LightningDataModule):
         stop = self.trainer.max_steps + self.step_offset if self.trainer and self.trainer.max_steps >= 0 else None
         return self._loader(self.train_dataset(start, stop))
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self):
         rank, world = self._rank()
-        return self._loader(ValBatches(self.val_blocks, self.val_batches, self.micro_batch_size, rank, world))
+        loaders = [self._loader(ValBatches(val, n, self.micro_batch_size, rank, world))
+                   for val, n in zip(self.val_sets, self.val_batches_per_source)]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),

@@ -233,6 +233,9 @@ class LitLlama(L.LightningModule):
         self.log("train/lr", lr)
         self.log("train/grad_norm", grad_norm)
         self.log("train/tokens", float((step + 1) * tokens_per_step))
+        if hasattr(dm, "epochs_completed"):
+            for name, epochs in dm.epochs_completed(step + 1).items():
+                self.log(f"data/epochs/{name}", epochs)
         now = time.perf_counter()
         if self._step_started is not None:
             # Time between step starts: in steady state this is the step time, with no extra sync.
@@ -261,20 +264,27 @@ class LitLlama(L.LightningModule):
         self._step_started = None
 
     def on_validation_epoch_start(self) -> None:
-        self._val_losses = []
+        self._val_losses: dict[int, list[torch.Tensor]] = {}
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._val_losses.append(self.model(batch[:, :-1], batch[:, 1:]).detach())
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # One dataloader per source of a mixture; dataloader_idx says which.
+        loss = self.model(batch[:, :-1], batch[:, 1:]).detach()
+        self._val_losses.setdefault(dataloader_idx, []).append(loss)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_losses:
             return
-        loss = torch.stack(self._val_losses).mean()
-        # Every rank reads the same number of equal-length batches, so the mean of means is exact.
-        loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
-        # Already identical on every rank; sync_dist only tells Lightning so (no warning).
+        # Every rank reads the same number of equal-length batches, so means of means are exact.
+        # The values are then identical on every rank; sync_dist only tells Lightning so (no warning).
+        loss = self.trainer.strategy.reduce(torch.cat([torch.stack(v) for v in self._val_losses.values()]).mean(),
+                                            reduce_op="mean")
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        names = getattr(self.trainer.datamodule, "names", [])
+        if len(self._val_losses) > 1 and len(names) == len(self._val_losses):
+            for idx, losses in sorted(self._val_losses.items()):
+                source_loss = self.trainer.strategy.reduce(torch.stack(losses).mean(), reduce_op="mean")
+                self.log(f"val/loss/{names[idx]}", source_loss, sync_dist=True)
         self._step_started = None  # validation time is not training throughput
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -63,12 +63,16 @@ def write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype) -> dict:
     data = tokens.astype(dtype, copy=False).tobytes()
     header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a shard behind
+        raise
     digest = hashlib.sha256(header)
     digest.update(data)
     return {
@@ -153,8 +157,10 @@ class ShardWriter:
 
 
 def write_manifest(
-    folder: Path, dtype: np.dtype, splits: dict[str, list[dict]], tokenizer: dict, settings: dict, documents: dict
+    folder: Path, dtype: np.dtype, splits: dict[str, list[dict]], tokenizer: dict, settings: dict, documents: dict,
+    extra: Optional[dict] = None,
 ) -> Path:
+    """Write manifest.json atomically; ``extra`` adds keys (token counts, a per-file report, ...)."""
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -162,6 +168,8 @@ def write_manifest(
         "tokenizer": tokenizer,
         "settings": settings,
         "documents": documents,
+        "tokens": {split: sum(e["tokens"] for e in entries) for split, entries in splits.items()},
+        **(extra or {}),
         "splits": splits,
     }
     path = Path(folder) / MANIFEST
@@ -192,29 +200,52 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-@dataclass
 class TokenStream:
-    """The concatenated tokens of one split, as memory-mapped shards."""
+    """The concatenated tokens of one split, over shards opened (memory-mapped) on first use.
 
-    shards: list[np.ndarray]
-    files: list[Path]
+    At most ``max_open`` shards stay mapped (least recently used closed first), so a split of tens
+    of thousands of shards never runs out of file descriptors; the open maps are not pickled, so a
+    DataLoader worker started by spawn opens its own instead of copying data.
+    """
 
-    def __post_init__(self) -> None:
-        sizes = np.array([s.size for s in self.shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # start offset of each shard
+    def __init__(self, files: Sequence[Path], counts: Sequence[int], max_open: int = 128) -> None:
+        self.files = [Path(f) for f in files]
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])  # shard start offsets
+        self.max_open = max_open
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def shard(self, i: int) -> np.ndarray:
+        tokens = self._open.get(i)
+        if tokens is None:
+            tokens = open_shard(self.files[i])
+            if tokens.size != self.starts[i + 1] - self.starts[i]:
+                raise ShardError(f"{self.files[i]}: changed since it was opened "
+                                 f"({tokens.size} tokens, expected {self.starts[i + 1] - self.starts[i]})")
+            self._open[i] = tokens
+            if len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(i)
+        return tokens
+
+    def file_at(self, position: int) -> Path:
+        """The shard holding token ``position`` of the concatenation."""
+        return self.files[int(np.searchsorted(self.starts, position, side="right")) - 1]
+
     def slice(self, start: int, stop: int) -> np.ndarray:
         """tokens[start:stop] of the concatenation, across shard boundaries."""
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
         out, pos = [], start
-        i = first
         while pos < stop:
             lo = pos - int(self.starts[i])
             hi = min(stop, int(self.starts[i + 1])) - int(self.starts[i])
-            out.append(self.shards[i][lo:hi])
+            out.append(self.shard(i)[lo:hi])
             pos += hi - lo
             i += 1
         return out[0] if len(out) == 1 else np.concatenate(out)
@@ -246,7 +277,7 @@ def open_split(
     entries = manifest["splits"].get(split)
     if not entries:
         raise ShardError(f"{mpath}: no shards listed for split {split!r} (splits: {sorted(manifest['splits'])})")
-    shards, files = [], []
+    files, counts = [], []
     for entry in entries:
         path = folder / entry["file"]
         if not path.is_file():
@@ -259,16 +290,16 @@ def open_split(
                 f"{path}: holds token id {entry['max_token_id']}, but the model's vocab_size is {vocab_size}; "
                 "use a model with a larger vocabulary or the tokenizer the model was built for"
             )
-        tokens = open_shard(path)
         if verify == "full":
+            tokens = open_shard(path)
             digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise ShardError(f"{path}: sha256 {digest} differs from {mpath} ({entry['sha256']}): the file was altered")
             if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
                 raise ShardError(f"{path}: holds token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
-        shards.append(tokens)
         files.append(path)
-    return TokenStream(shards, files)
+        counts.append(count)
+    return TokenStream(files, counts)
 
 
 def documents_to_shards(
