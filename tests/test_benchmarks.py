@@ -88,3 +88,31 @@ def test_throughput_benchmark_on_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert r["device"] != "cpu" and r["precision"] == "bf16-mixed" and r["peak_memory_bytes"] > 0
+
+
+def test_prep_speed_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "prep.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prep_speed.py"), "--files", "4",
+                           "--max_docs", "60", "--vocab_size", "400", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_s"]) == {"raw", "pipeline_1", "pipeline_2"}
+    # The pipeline wrote every token the raw encoder made, plus one BOS per document.
+    assert result["tokens"]["pipeline_1"] == result["tokens"]["pipeline_2"] == result["tokens"]["raw"] + 60
+    assert result["pipeline_over_raw_one_core"] == pytest.approx(
+        result["tokens_per_s"]["pipeline_1"] / result["tokens_per_s"]["raw"])
+    assert result["machine"]["cores"] >= 1
+
+
+def test_loader_speed_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "loader.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_speed.py"), "--tokens", "200000",
+                           "100000", "--shard_tokens", "30000", "--seq_len", "64", "--global_batch", "32",
+                           "--world_size", "2", "--steps", "3", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_s_by_start_step"]) == {"0", "1000000", "1000000000"}
+    assert result["tokens_per_s"] > 0
+    assert result["over_h100_consumption"] == pytest.approx(result["tokens_per_s"] / 70_000)

@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 
 from tinytrain import shards
 from tinytrain.corpus import CorpusError, list_corpus_files, prepare_text_folder
-from tinytrain.data import Blocks, SampleOrder, TokenData, TrainSteps, grad_accumulation, permute, sample_blocks
+from tinytrain.data import Blocks, Mixture, SampleOrder, TokenData, TrainSteps, grad_accumulation, permute, sample_blocks
 from tinytrain.tokenizer import Tokenizer
 
 
@@ -118,3 +118,119 @@ def test_datamodule_checks_tokenizer(prepared, tmp_path):
                    global_batch_size=8, micro_batch_size=2)
     ok.open()
     assert len(ok.train_blocks) > 0
+
+
+# --- mixtures -------------------------------------------------------------------------------------
+
+
+def test_mixture_quotas_are_the_weights_to_six_digits():
+    mix = Mixture([0.693584, 0.306416])  # TinyLlama's SlimPajama / StarCoder weights
+    assert mix.quotas.tolist() == [693_584, 306_416]
+    source, _ = mix.locate(np.arange(3 * mix.period))
+    assert np.bincount(source).tolist() == [3 * 693_584, 3 * 306_416]
+
+
+@pytest.mark.parametrize("start", [0, 123_456, 999_000, 10**12 + 17])
+def test_every_window_of_a_mixture_holds_each_source_by_weight(start):
+    mix = Mixture([0.5, 0.3, 0.2])
+    source, _ = mix.locate(np.arange(start, start + 1024))
+    counts = np.bincount(source, minlength=3)
+    assert np.all(np.abs(counts - np.array([0.5, 0.3, 0.2]) * 1024) <= 2), counts  # every global batch is mixed
+
+
+def test_each_source_numbers_its_samples_consecutively():
+    mix = Mixture([3, 1, 1], period=50)
+    source, index = mix.locate(np.arange(1234))
+    for s in range(3):
+        assert index[source == s].tolist() == list(range(int((source == s).sum())))
+    assert mix.drawn(1234).tolist() == np.bincount(source).tolist()
+    far = 10**12 + 5
+    s_far, i_far = mix.locate(np.array([far]))
+    assert i_far[0] == mix.drawn(far)[s_far[0]]  # O(1) arithmetic agrees with counting, far out
+
+
+def test_bad_weights_are_refused():
+    for weights in ([1.0, 0.0], [1.0, -2.0], [float("nan")], []):
+        with pytest.raises(ValueError, match="mixture weights must be positive"):
+            Mixture(weights)
+    with pytest.raises(ValueError, match="below 1/1000000"):
+        Mixture([1.0, 1e-9])
+
+
+def test_one_source_keeps_the_plain_order(blocks):
+    order = SampleOrder([blocks], seed=7)
+    source, block = order.locate(np.arange(3 * len(blocks)))
+    assert not source.any()
+    np.testing.assert_array_equal(block, sample_blocks(np.arange(3 * len(blocks)), len(blocks), 7))
+
+
+@pytest.fixture(scope="module")
+def two_sources(prepared):
+    big = Blocks(shards.open_split(prepared, "train", 512), seq_len=16)
+    small = Blocks(shards.open_split(prepared, "val", 512), seq_len=16)  # far fewer blocks: runs out first
+    return SampleOrder([big, small], seed=7, weights=[0.7, 0.3])
+
+
+def test_a_source_that_runs_out_reshuffles_on_its_own(two_sources):
+    big, small = two_sources.blocks
+    n = len(small)
+    samples = np.arange(int(4 * n / 0.3) + 10)
+    source, block = two_sources.locate(samples)
+    seq = block[source == 1]
+    epochs = [seq[e * n:(e + 1) * n] for e in range(3)]
+    for e in epochs:
+        assert sorted(e.tolist()) == list(range(n))  # every block of the small source once per its epoch
+    assert not np.array_equal(epochs[0], epochs[1])  # and a new order each time
+    big_seq = block[source == 0]
+    assert len(big_seq) < len(big) and len(set(big_seq.tolist())) == len(big_seq)  # the big one is still in epoch 0
+    small_epochs = two_sources.epochs(len(samples))
+    assert small_epochs[1] == pytest.approx(len(seq) / n) and small_epochs[1] > 3 and small_epochs[0] < 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_mixture_resume_and_world_size(two_sources, world):
+    def steps(start, stop, rank):
+        return list(TrainSteps(two_sources, global_batch=8, micro_batch=2, rank=rank, world_size=world,
+                               start_step=start, stop_step=stop))
+
+    whole = [b.reshape(-1, 17) for b in TrainSteps(two_sources, 8, 2, 0, 1, 0, 12)]
+    for rank in range(world):
+        resumed = steps(9, 12, rank)
+        for k, step in enumerate(range(9, 12)):
+            per = 8 // world
+            assert torch.equal(resumed[k].reshape(-1, 17), whole[step][rank * per:(rank + 1) * per])
+    far = TrainSteps(two_sources, 8, 2, 0, world, 10**9, None).step_batch(10**9)
+    assert far.shape == (8 // (2 * world), 2, 17) and int(far.max()) < 512
+
+
+def test_altered_token_stops_the_loader_naming_the_file(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    entry = shards.read_manifest(copy)["splits"]["train"][0]
+    victim = copy / entry["file"]
+    data = bytearray(victim.read_bytes())
+    data[shards.HEADER.size:] = b"\xff" * (len(data) - shards.HEADER.size)  # every id 65535, same size
+    victim.write_bytes(bytes(data))
+    dm = TokenData(path=str(copy), vocab_size=512, seq_len=16, global_batch_size=8, micro_batch_size=2)
+    dm.open()  # the header check passes: same size, same count
+    with pytest.raises(shards.ShardError, match=f"{victim}: holds token id 65535 >= the model's vocab_size 512"):
+        for _ in dm.train_dataset(0, 200):
+            pass
+    full = TokenData(path=str(copy), vocab_size=512, seq_len=16, global_batch_size=8, micro_batch_size=2,
+                     verify="full")
+    with pytest.raises(shards.ShardError, match=f"{victim}: sha256 .* the file was altered"):
+        full.open()
+
+
+def test_sources_must_share_a_tokenizer(prepared, code_corpus, tmp_path):
+    other = prepare_text_folder(code_corpus, tmp_path / "other", 400, val_fraction=0.1)
+    dm = TokenData(sources=[{"path": str(prepared)}, {"path": str(other)}], vocab_size=512, seq_len=16,
+                   global_batch_size=8, micro_batch_size=2)
+    with pytest.raises(shards.ShardError, match=f"{other / 'manifest.json'}: shards were made with tokenizer"):
+        dm.open()
+    with pytest.raises(ValueError, match="repeated names"):
+        TokenData(sources=[{"path": "a/x"}, {"path": "b/x"}])
+    with pytest.raises(ValueError, match=r"data.sources\[1\].weight must be a positive number"):
+        TokenData(sources=[{"path": "a"}, {"path": "b", "weight": 0}])

@@ -157,8 +157,13 @@ def test_strict_spec_stops_at_the_first_bad_record(corpus, tmp_path):
 
 def test_output_is_identical_for_any_number_of_workers(corpus, prepared_mix, tmp_path):
     out = tmp_path / "out"
-    run_tinytrain("prepare", "--config", write_spec(corpus, out), "--workers", "3", cwd=tmp_path)
+    proc = run_tinytrain("prepare", "--config", write_spec(corpus, out), "--workers", "3", cwd=tmp_path,
+                         env={"TINYTRAIN_PROGRESS": "1"})
     assert tree_digest(out) == tree_digest(prepared_mix)
+    manifest = shards.read_manifest(out / "web")
+    docs = manifest["documents"]["train"] + manifest["documents"]["val"]
+    total = sum(manifest["tokens"].values())
+    assert f"{docs:,} docs, {total:,} tokens" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
 
 
 def test_verify_passes_then_names_an_altered_file(prepared_mix, tmp_path):
@@ -303,3 +308,17 @@ def test_spec_errors_name_the_key(corpus, tmp_path):
     missing.write_text(spec.read_text().replace("/corpus/code", "/corpus/nowhere"))
     proc = run_tinytrain("prepare", "--config", missing, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "corpus/nowhere does not exist" in proc.stderr
+
+
+def test_the_spec_in_data_prep_readme_parses():
+    import re
+
+    from conftest import ROOT
+    from tinytrain.cli import _spec_from, _spec_parser
+
+    text = (ROOT / "data_prep" / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "sources:" in b]
+    parser = _spec_parser("test", "")
+    spec = _spec_from(parser, parser.parse_string(block))
+    assert [s.name for s in spec.sources] == ["web", "books"]
+    assert spec.sources[0].filters[0].keep == ["en"] and spec.sources[1].val_fraction == 0.01

@@ -54,6 +54,8 @@ def test_tinyllama_recipe_is_the_published_run(prepared):
     assert tuple(o.betas) == (0.9, 0.95) and o.weight_decay == 0.1 and o.grad_clip == 1.0
     assert (dm.global_batch_size, dm.seq_len, dm.micro_batch_size, dm.seed) == (1024, 2048, 8, 3407)
     assert dm.global_batch_size * dm.seq_len == 2_097_152
+    assert [(s.path, s.weight) for s in dm.sources] == [("slimpajama", 0.693584), ("starcoder", 0.306416)]
+    assert dm.source_folders(prepare=False) == [prepared / "slimpajama", prepared / "starcoder"]
     assert trainer.max_steps == 1_430_512 and str(trainer.precision) == "bf16-mixed"
     assert type(trainer.strategy).__name__ == "FSDP2"
     assert cli.model.config.num_params() == 1_100_048_384
@@ -109,3 +111,17 @@ def test_top_level_help_lists_commands(capsys):
     main(["--help"])
     out = capsys.readouterr().out
     assert "fit" in out and "generate" in out
+
+
+def test_tinyllama_data_spec_is_the_published_corpus():
+    from tinytrain.cli import _spec_from, _spec_parser
+
+    parser = _spec_parser("test", "")
+    spec = _spec_from(parser, parser.parse_args(["--config", str(RECIPES.parent / "data_prep" / "tinyllama.yaml"),
+                                                 "--workers", "8"]))
+    assert spec.workers == 8 and spec.bos and not spec.eos
+    slim, star = spec.sources
+    assert (slim.name, slim.text_field, star.name, star.text_field) == ("slimpajama", "text", "starcoder", "content")
+    assert slim.filters[0].field == "meta.redpajama_set_name" and slim.filters[0].drop == ["RedPajamaGithub"]
+    assert not slim.filters[0].passes({"meta": {"redpajama_set_name": "RedPajamaGithub"}})
+    assert slim.filters[0].passes({"meta": {"redpajama_set_name": "RedPajamaArXiv"}})

@@ -198,3 +198,32 @@ def test_fsdp2_two_processes_sharded_checkpoint_resumes_on_one(code_corpus, tmp_
     ours = {k: v for k, v in torch.load(out, weights_only=True).items()}
     theirs = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_mixture_run_logs_source_epochs_and_validation(prepared, tmp_path):
+    from conftest import RECIPES, write_code_corpus
+    from tinytrain.corpus import prepare_text_folder
+    from tinytrain.data import TokenData
+
+    more = prepare_text_folder(write_code_corpus(tmp_path / "more-corpus", files=30, seed=1), tmp_path / "more", 512,
+                               tokenizer=prepared / "tokenizer.model", val_fraction=0.3)
+    sources = [{"path": str(prepared), "weight": 0.75, "name": "code"},
+               {"path": str(more), "weight": 0.25, "name": "more"}]
+    run_tinytrain("fit", "--config", RECIPES / "ci.yaml", "--data.sources", json.dumps(sources),
+                  "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
+                  cwd=tmp_path)
+    rows = metric_rows(tmp_path / "runs" / "ci")
+    dm = TokenData(sources=sources, vocab_size=512, seq_len=64, global_batch_size=16, micro_batch_size=8)
+    dm.open()
+    for name in ("code", "more"):
+        logged = series(rows, f"data/epochs/{name}")
+        assert len(logged) == 10
+        assert logged[-1][1] == pytest.approx(dm.epochs_completed(10)[name], rel=1e-5)
+    assert dm.epochs_completed(10)["more"] == pytest.approx(40 / len(dm.order.blocks[1]))  # 10 x 16 x 0.25 samples
+    val = dict(series(rows, "val/loss"))
+    per_source = {name: dict(series(rows, f"val/loss/{name}")) for name in ("code", "more")}
+    assert len(val) == 2 and all(len(v) == 2 for v in per_source.values())
+    n_code, n_more = dm.val_batches_per_source
+    for step, loss in val.items():
+        mean = (per_source["code"][step] * n_code + per_source["more"][step] * n_more) / (n_code + n_more)
+        assert loss == pytest.approx(mean, rel=1e-5)

@@ -157,7 +157,7 @@ def check_spec(spec: PrepSpec) -> None:
     for key in ("workers", "shard_tokens", "unit_bytes"):
         if getattr(spec, key) <= 0:
             raise PrepError(f"{key} must be positive, got {getattr(spec, key)}")
-    if not Path(spec.tokenizer).is_file():
+    if not Path(spec.tokenizer).expanduser().is_file():
         raise PrepError(f"tokenizer {spec.tokenizer}: file not found (expected a sentencepiece .model)")
 
 
@@ -715,7 +715,7 @@ class Progress:
 def prepare(spec: PrepSpec, show_progress: bool = True) -> list[Path]:
     """Prepare every source of the spec; return their folders."""
     check_spec(spec)
-    tokenizer = Tokenizer(spec.tokenizer)
+    tokenizer = Tokenizer(Path(spec.tokenizer).expanduser())
     Path(spec.out).expanduser().mkdir(parents=True, exist_ok=True)
     if spec.workers == 1:
         progress = Progress(enabled=show_progress)
