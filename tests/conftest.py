@@ -57,6 +57,18 @@ def prepared(tmp_path_factory, code_corpus) -> Path:
     return prepare_text_folder(code_corpus, tmp_path_factory.mktemp("prepared") / "code-512", 512, val_fraction=0.1)
 
 
+def small_tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "3m") mounted under tmp_path, for disk-full tests; skips without root.
+    A generator for fixtures: yields the mount point, unmounts afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
 def metric_rows(run: Path) -> list[dict]:
     """Every row of a run's CSV logs (``run`` is the recipe's run folder; resumed runs add versions)."""
     import csv

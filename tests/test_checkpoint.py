@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ci_args, run_tinytrain, tree_digest, write_code_corpus
+from conftest import ci_args, run_tinytrain, small_tmpfs, tree_digest, write_code_corpus
 from tinytrain.checkpoint import damage, latest_checkpoint, load_model_weights
 
 
@@ -103,12 +103,7 @@ def test_killed_during_a_save_the_previous_checkpoint_is_used(code_corpus, tmp_p
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MB tmpfs: room for one ci checkpoint (about 2 MB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from small_tmpfs(tmp_path, "3m")
 
 
 def test_disk_full_during_a_save(small_disk, code_corpus, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_tinytrain, tree_digest
+from conftest import run_tinytrain, small_tmpfs, tree_digest
 from tinytrain import shards
 from tinytrain.prep import is_validation
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
@@ -238,12 +238,8 @@ def test_resume_with_changed_settings_is_refused(corpus, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    """48 KB: room for a few units' shards, not for the whole corpus."""
+    yield from small_tmpfs(tmp_path, "48k")
 
 
 def test_disk_full_is_a_clear_error_and_the_next_run_finishes(corpus, prepared_mix, small_disk, tmp_path):
