@@ -260,8 +260,8 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if name.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                 buffer_size=1 << 20)
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
+        return io.BufferedReader(raw, buffer_size=1 << 20)
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb", buffering=1 << 20)
