@@ -76,9 +76,10 @@ def corpus_fingerprint(folder: Path, files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def is_validation(rel_path: str, val_fraction: float) -> bool:
-    """Deterministic held-out choice by a hash of the file's path inside the corpus."""
-    bucket = int.from_bytes(hashlib.sha256(rel_path.encode()).digest()[:8], "little") / 2**64
+def is_validation(key: str, val_fraction: float) -> bool:
+    """Deterministic held-out choice by a hash of a document's key (its path inside the corpus, or
+    file and line), so it depends neither on the order of reading nor on the number of workers."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "little") / 2**64
     return bucket < val_fraction
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import io
 import itertools
 import json
@@ -48,6 +47,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from tinytrain import shards
+from tinytrain.corpus import is_validation
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def lookup(record: Any, dotted: str) -> Any:
     return record
 
 
-def check_spec(spec: PrepSpec) -> None:
+def check_sources(spec: PrepSpec) -> None:
     if not spec.sources:
         raise PrepError("the spec lists no sources")
     names = [s.name for s in spec.sources]
@@ -154,6 +154,10 @@ def check_spec(spec: PrepSpec) -> None:
         frac = spec.val_fraction if s.val_fraction is None else s.val_fraction
         if not 0 <= frac < 1:
             raise PrepError(f"source {s.name!r}: val_fraction must be in [0, 1), got {frac}")
+
+
+def check_spec(spec: PrepSpec) -> None:
+    check_sources(spec)
     for key in ("workers", "shard_tokens", "unit_bytes"):
         if getattr(spec, key) <= 0:
             raise PrepError(f"{key} must be positive, got {getattr(spec, key)}")
@@ -194,13 +198,13 @@ def source_files(source: Source) -> tuple[Path, list[Path]]:
     return root, files
 
 
-def plan_units(source: Source, unit_bytes: int) -> list[dict]:
-    """The source's units of work, in output order."""
+def plan_units(source: Source, unit_bytes: int) -> tuple[Optional[Path], list[dict]]:
+    """The source's root folder (None for a hub dataset) and units of work, in output order."""
     if source.hub is not None:
         from datasets import load_dataset
 
         ds = load_dataset(source.hub, source.hub_config, split=source.split, streaming=True)
-        return [{"id": i, "hub_shard": i, "hub_shards": ds.num_shards} for i in range(ds.num_shards)]
+        return None, [{"id": i, "hub_shard": i, "hub_shards": ds.num_shards} for i in range(ds.num_shards)]
     root, files = source_files(source)
     units, current, size = [], [], 0
     for path in files:
@@ -211,19 +215,19 @@ def plan_units(source: Source, unit_bytes: int) -> list[dict]:
         current.append({"file": path.relative_to(root).as_posix(), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
         size += st.st_size
     units.append({"id": len(units), "files": current, "bytes": size})
-    return units
+    return root, units
 
 
 def plan_for(source: Source, spec: PrepSpec, tokenizer: Tokenizer) -> dict:
     """Everything the output depends on; a resumed run must find the same plan."""
-    root = str(source_files(source)[0].resolve()) if source.path is not None else None
+    root, units = plan_units(source, spec.unit_bytes)
     return {
         "prep_version": PREP_VERSION,
         "source": asdict(source),
-        "root": root,
+        "root": str(root.resolve()) if root is not None else None,
         "tokenizer_sha256": tokenizer.sha256,
         "settings": settings_for(source, spec),
-        "units": plan_units(source, spec.unit_bytes),
+        "units": units,
     }
 
 
@@ -375,13 +379,6 @@ def unit_documents(source: Source, root: Optional[Path], unit: dict, strict: boo
 # --- one unit ---------------------------------------------------------------------------------
 
 
-def is_validation(key: str, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "little") / 2**64
-    return bucket < fraction
-
-
 def unit_record_path(folder: Path, unit_id: int) -> Path:
     return folder / WORK / f"unit-{unit_id:06d}.json"
 
@@ -405,24 +402,6 @@ _PROGRESS = None  # a queue to the parent process, set in each worker
 def _init_worker(queue) -> None:
     global _PROGRESS
     _PROGRESS = queue
-
-
-class _Tokens:
-    """Concatenated documents waiting to be written, as a list of arrays."""
-
-    def __init__(self, dtype: np.dtype) -> None:
-        self.dtype, self.arrays, self.count = dtype, [], 0
-
-    def add(self, documents: list[list[int]]) -> None:
-        n = sum(map(len, documents))
-        if n:
-            self.arrays.append(np.fromiter(itertools.chain.from_iterable(documents), dtype=self.dtype, count=n))
-            self.count += n
-
-    def take(self, n: int) -> np.ndarray:
-        flat = np.concatenate(self.arrays) if len(self.arrays) != 1 else self.arrays[0]
-        self.arrays, self.count = ([flat[n:]] if n < flat.size else []), flat.size - min(n, flat.size)
-        return flat[:n]
 
 
 def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: bool,
@@ -454,15 +433,13 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
         pending[0] += nbytes
         report_progress()
 
-    train, val = _Tokens(dtype), _Tokens(dtype)
-    entries: list[dict] = []
+    train = shards.ShardWriter(folder_p, f"train-{unit['id']:06d}", dtype, shard_tokens)
+    val: list[np.ndarray] = []  # the unit's held-out documents, joined across units at the end
     reports: list[FileReport] = []
-    docs = {"train": 0, "val": 0}
 
-    def flush(final: bool) -> None:
-        while train.count >= shard_tokens or (final and train.count):
-            path = folder_p / f"train-{unit['id']:06d}-{len(entries):04d}.bin"
-            entries.append(_write(path, train.take(min(shard_tokens, train.count)), dtype))
+    def flat(documents: list[list[int]]) -> np.ndarray:
+        n = sum(map(len, documents))
+        return np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=n)
 
     root = Path(plan["root"]) if plan["root"] else None
     batch_keys, batch_texts = [], []
@@ -470,15 +447,12 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
     def encode_batch() -> None:
         encoded = proc.encode(batch_texts, add_bos=bos, add_eos=eos, num_threads=1)
         held = [is_validation(key, frac) for key in batch_keys]
-        train.add([ids for ids, v in zip(encoded, held) if not v])
-        val.add([ids for ids, v in zip(encoded, held) if v])
-        docs["val"] += sum(held)
-        docs["train"] += len(held) - sum(held)
+        train.add(flat([ids for ids, v in zip(encoded, held) if not v]), documents=len(held) - sum(held))
+        val.append(flat([ids for ids, v in zip(encoded, held) if v]))
         pending[1] += len(batch_texts)
         pending[2] += sum(map(len, encoded))
         batch_keys.clear()
         batch_texts.clear()
-        flush(final=False)
         report_progress()
 
     for key, text in unit_documents(source, root, unit, strict, reports, file_done):
@@ -488,27 +462,27 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
             encode_batch()
     if batch_texts:
         encode_batch()
-    flush(final=True)
-    val_entry = _write(val_part_path(folder_p, unit["id"]), val.take(val.count), dtype) if val.count else None
+    held_out = np.concatenate(val) if val else np.zeros(0, dtype)
+    try:
+        entries = train.close()
+        val_entry = shards.write_shard(val_part_path(folder_p, unit["id"]), held_out, dtype) if held_out.size else None
+    except OSError as e:
+        raise _writing_error(e) from e
     report_progress(force=True)
-    record = {"unit": unit["id"], "train": entries, "val_part": val_entry, "documents": docs,
+    documents = sum(r.counts["documents"] for r in reports)
+    record = {"unit": unit["id"], "train": entries, "val_part": val_entry,
+              "documents": {"train": train.documents, "val": documents - train.documents},
               "files": [r.as_dict() for r in reports]}
     _write_json(unit_record_path(folder_p, unit["id"]), record)  # from here on the unit counts as done
     return record
 
 
-def _writing_error(path: Path, e: OSError) -> PrepError:
+def _writing_error(e: OSError, path: Optional[Path] = None) -> PrepError:
+    path = path or e.filename
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return PrepError(f"{path}: {os.strerror(e.errno)} while writing; nothing partial was kept. Free space "
                          "and run the same command again: finished units are kept and not redone")
     return PrepError(f"{path}: cannot write ({e})")
-
-
-def _write(path: Path, tokens: np.ndarray, dtype: np.dtype) -> dict:
-    try:
-        return shards.write_shard(path, tokens, dtype)
-    except OSError as e:
-        raise _writing_error(path, e) from e
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -519,7 +493,7 @@ def _write_json(path: Path, obj: dict) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _writing_error(path, e) from e
+        raise _writing_error(e, path) from e
 
 
 # --- a source ---------------------------------------------------------------------------------
@@ -619,26 +593,14 @@ def prepare_source(source: Source, spec: PrepSpec, tokenizer: Tokenizer, executo
 def finish_source(folder: Path, source: Source, plan: dict, records: list[dict], tokenizer: Tokenizer) -> Path:
     """Join the units' validation parts into val shards, write the tokenizer and the manifest."""
     dtype = shards.dtype_for_vocab(tokenizer.vocab_size)
-    shard_tokens = plan["settings"]["shard_tokens"]
-    val_entries: list[dict] = []
-    pending: list[np.ndarray] = []
-    count = 0
-
-    def cut(final: bool) -> None:
-        nonlocal pending, count
-        while count >= shard_tokens or (final and count):
-            flat = np.concatenate(pending)
-            path = folder / f"val-{len(val_entries):05d}.bin"
-            val_entries.append(_write(path, flat[:shard_tokens], dtype))
-            rest = flat[shard_tokens:]
-            pending, count = [rest], rest.size
-
-    for record in records:
-        if record.get("val_part"):
-            pending.append(np.array(shards.open_shard(val_part_path(folder, record["unit"]))))
-            count += pending[-1].size
-            cut(final=False)
-    cut(final=True)
+    val = shards.ShardWriter(folder, "val", dtype, plan["settings"]["shard_tokens"])
+    try:
+        for record in records:
+            if record.get("val_part"):
+                val.add(np.array(shards.open_shard(val_part_path(folder, record["unit"]))))
+        val_entries = val.close()
+    except OSError as e:
+        raise _writing_error(e) from e
     if not val_entries:
         log.warning("%s: no document was held out for validation (val_fraction %s); training needs a val "
                     "split: raise val_fraction", source.name, plan["settings"]["val_fraction"])
@@ -647,7 +609,7 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
         os.replace(folder / "tokenizer.model.tmp", folder / "tokenizer.model")
     except OSError as e:
         (folder / "tokenizer.model.tmp").unlink(missing_ok=True)
-        raise _writing_error(folder / "tokenizer.model", e) from e
+        raise _writing_error(e, folder / "tokenizer.model") from e
     files = [f for r in records for f in r["files"]]
     totals = {k: sum(f[k] for f in files) for k in COUNTERS}
     problems = [f for f in files if f.get("error") or any(f[k] for k in COUNTERS if k not in ("documents", "filtered"))]
@@ -661,7 +623,7 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
         )
     except OSError as e:
         (folder / (shards.MANIFEST + ".tmp")).unlink(missing_ok=True)
-        raise _writing_error(folder / shards.MANIFEST, e) from e
+        raise _writing_error(e, folder / shards.MANIFEST) from e
     shutil.rmtree(folder / WORK, ignore_errors=True)
     log.info("%s: %d train / %d val documents, %d skipped (%s); manifest %s", source.name, totals["documents"] -
              sum(r["documents"]["val"] for r in records), sum(r["documents"]["val"] for r in records),
@@ -758,9 +720,8 @@ def verify_folder(folder: Path) -> str:
 def sample_lines(spec: PrepSpec, documents: int) -> Iterator[str]:
     """Lines of about ``documents`` documents spread over every unit of every source."""
     for source in spec.sources:
-        units = plan_units(source, spec.unit_bytes)
+        root, units = plan_units(source, spec.unit_bytes)
         per_unit = max(1, math.ceil(documents / len(spec.sources) / len(units)))
-        root = source_files(source)[0] if source.path else None
         for unit in units:
             docs = unit_documents(source, root, unit, False, [], lambda n: None)
             for _, text in itertools.islice(docs, per_unit):
@@ -769,7 +730,5 @@ def sample_lines(spec: PrepSpec, documents: int) -> Iterator[str]:
 
 def train_spec_tokenizer(spec: PrepSpec, out: Path, vocab_size: int, documents: int, max_lines: int) -> Tokenizer:
     """Train a BPE tokenizer (byte fallback, Llama's special ids) on a sample of the spec's sources."""
-    for s in spec.sources:
-        if (s.path is None) == (s.hub is None):
-            raise PrepError(f"source {s.name!r}: give exactly one of 'path' or 'hub'")
+    check_sources(spec)
     return train_tokenizer(sample_lines(spec, documents), out, vocab_size, sample_lines=max_lines)

@@ -70,8 +70,10 @@ def write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype) -> dict:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a full disk must not leave half a shard behind
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the shard
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     digest = hashlib.sha256(header)
     digest.update(data)
@@ -122,12 +124,13 @@ def open_shard(path: Path) -> np.ndarray:
 class ShardWriter:
     """Append token ids; cut shards of ``shard_tokens`` tokens; write the manifest at the end.
 
-    Files go to ``<folder>/<split>-<NNNNN>.bin``. Nothing is visible as a complete folder until
-    ``write_manifest``: readers refuse a folder without one.
+    Files go to ``<folder>/<prefix>-<NNNNN>.bin`` (the prefix is the split, or the split and a unit
+    of work). Nothing is visible as a complete folder until ``write_manifest``: readers refuse a
+    folder without one.
     """
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int = 1 << 26) -> None:
-        self.folder, self.split, self.dtype, self.shard_tokens = Path(folder), split, np.dtype(dtype), shard_tokens
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int = 1 << 26) -> None:
+        self.folder, self.prefix, self.dtype, self.shard_tokens = Path(folder), prefix, np.dtype(dtype), shard_tokens
         self.folder.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict] = []
         self.documents = 0
@@ -135,10 +138,15 @@ class ShardWriter:
         self._pending_count = 0
 
     def add_document(self, ids: Sequence[int]) -> None:
-        arr = np.asarray(ids, dtype=np.int64)
-        self.documents += 1
-        self._pending.append(arr)
-        self._pending_count += arr.size
+        self.add(np.asarray(ids, dtype=np.int64), documents=1)
+
+    def add(self, tokens: np.ndarray, documents: int = 0) -> None:
+        """Append the concatenated tokens of ``documents`` documents."""
+        self.documents += documents
+        if not tokens.size:
+            return
+        self._pending.append(tokens)
+        self._pending_count += tokens.size
         while self._pending_count >= self.shard_tokens:
             flat = np.concatenate(self._pending)
             self._flush(flat[: self.shard_tokens])
@@ -152,7 +160,7 @@ class ShardWriter:
         return self.entries
 
     def _flush(self, tokens: np.ndarray) -> None:
-        path = self.folder / f"{self.split}-{len(self.entries):05d}.bin"
+        path = self.folder / f"{self.prefix}-{len(self.entries):05d}.bin"
         self.entries.append(write_shard(path, tokens, self.dtype))
 
 
