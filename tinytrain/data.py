@@ -116,14 +116,15 @@ class Blocks:
     def __len__(self) -> int:
         return self.n
 
-    def gather_into(self, out: np.ndarray, block_ids: np.ndarray) -> None:
-        for row, b in zip(out, block_ids):
-            start = int(b) * self.seq_len
-            row[:] = self.stream.slice(start, start + self.seq_len + 1)
+    def block(self, b: int) -> np.ndarray:
+        """The seq_len + 1 tokens of block b."""
+        start = int(b) * self.seq_len
+        return self.stream.slice(start, start + self.seq_len + 1)
 
     def gather(self, block_ids: np.ndarray) -> torch.Tensor:
         out = np.empty((len(block_ids), self.seq_len + 1), dtype=np.int64)
-        self.gather_into(out, block_ids)
+        for row, b in zip(out, block_ids):
+            row[:] = self.block(b)
         return torch.from_numpy(out)
 
     def file_of(self, block: int) -> Path:
@@ -161,6 +162,8 @@ class Mixture:
         self.period, self.quotas = period, quotas
         self.weights = quotas / period
         self.pattern, self.rank = source[order], rank[order]
+        # Where each source's samples sit in the period, ascending: counting is a binary search.
+        self.positions = [np.flatnonzero(self.pattern == s) for s in range(len(w))]
 
     def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, sample number within the source) of each global sample id."""
@@ -171,7 +174,7 @@ class Mixture:
     def drawn(self, n: int) -> np.ndarray:
         """How many of the first n global samples each source supplied."""
         cycle, pos = divmod(int(n), self.period)
-        return cycle * self.quotas + np.bincount(self.pattern[:pos], minlength=len(self.quotas))
+        return cycle * self.quotas + np.array([np.searchsorted(p, pos) for p in self.positions])
 
 
 class SampleOrder:
@@ -202,11 +205,8 @@ class SampleOrder:
     def gather(self, samples: np.ndarray) -> np.ndarray:
         source, block = self.locate(samples)
         out = np.empty((len(block), self.seq_len + 1), dtype=np.int64)
-        for s in np.unique(source):
-            sel = source == s
-            rows = np.empty((int(sel.sum()), self.seq_len + 1), dtype=np.int64)
-            self.blocks[s].gather_into(rows, block[sel])
-            out[sel] = rows
+        for row, s, b in zip(out, source, block):
+            row[:] = self.blocks[s].block(b)
         return out
 
     def epochs(self, samples: int) -> np.ndarray:
