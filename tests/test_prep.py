@@ -307,15 +307,15 @@ def test_spec_errors_name_the_key(corpus, tmp_path):
     assert proc.returncode == 1 and "corpus/nowhere does not exist" in proc.stderr
 
 
-def test_the_spec_in_data_prep_readme_parses():
+def test_the_spec_in_data_prep_readme_parses(tmp_path):
     import re
 
     from conftest import ROOT
-    from tinytrain.cli import _spec_from, _spec_parser
+    from tinytrain.cli import parse_spec
 
     text = (ROOT / "data_prep" / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "sources:" in b]
-    parser = _spec_parser("test", "")
-    spec = _spec_from(parser, parser.parse_string(block))
+    (tmp_path / "spec.yaml").write_text(block)
+    spec = parse_spec(["--config", str(tmp_path / "spec.yaml")])
     assert [s.name for s in spec.sources] == ["web", "books"]
     assert spec.sources[0].filters[0].keep == ["en"] and spec.sources[1].val_fraction == 0.01

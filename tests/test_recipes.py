@@ -113,11 +113,9 @@ def test_top_level_help_lists_commands(capsys):
 
 
 def test_tinyllama_data_spec_is_the_published_corpus():
-    from tinytrain.cli import _spec_from, _spec_parser
+    from tinytrain.cli import parse_spec
 
-    parser = _spec_parser("test", "")
-    spec = _spec_from(parser, parser.parse_args(["--config", str(RECIPES.parent / "data_prep" / "tinyllama.yaml"),
-                                                 "--workers", "8"]))
+    spec = parse_spec(["--config", str(RECIPES.parent / "data_prep" / "tinyllama.yaml"), "--workers", "8"])
     assert spec.workers == 8 and spec.bos and not spec.eos
     slim, star = spec.sources
     assert (slim.name, slim.text_field, star.name, star.text_field) == ("slimpajama", "text", "starcoder", "content")

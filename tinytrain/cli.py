@@ -71,32 +71,26 @@ def prepare_main(argv: list[str]) -> None:
         raise SystemExit(2)
 
 
-def _spec_parser(prog: str, description: str):
+def parse_spec(argv: list[str], prog: str = "tinytrain prepare", description: str = ""):
+    """A PrepSpec from --config files and --key value overrides (jsonargparse, as for `fit`)."""
+    import dataclasses
+
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from tinytrain.prep import PrepSpec
 
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML spec (see data_prep/)")
     parser.add_class_arguments(PrepSpec, None, as_group=False)
-    return parser
-
-
-def _spec_from(parser, cfg):
-    import dataclasses
-
-    from tinytrain.prep import PrepSpec
-
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    done = instantiate(cfg)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    done = instantiate(parser.parse_args(argv))
     return PrepSpec(**{f.name: done[f.name] for f in dataclasses.fields(PrepSpec)})
 
 
 def prepare_spec_main(argv: list[str]) -> None:
     from tinytrain.prep import prepare
 
-    parser = _spec_parser("tinytrain prepare", "Tokenize a spec's sources into one prepared folder each.")
-    spec = _spec_from(parser, parser.parse_args(argv))
+    spec = parse_spec(argv, description="Tokenize a spec's sources into one prepared folder each.")
     for folder in prepare(spec, show_progress=sys.stderr.isatty() or bool(os.environ.get("TINYTRAIN_PROGRESS"))):
         print(folder)
 
@@ -129,9 +123,8 @@ def prepare_tokenizer_main(argv: list[str]) -> None:
     out = Path(args.out)
     if out.exists():
         pre.error(f"--out {out} already exists; choose a new file")
-    parser = _spec_parser("tinytrain prepare tokenizer", "")
     # out and tokenizer of the spec are those of the preparation, not needed here.
-    spec = _spec_from(parser, parser.parse_args(["--config", args.config, "--out", "-", "--tokenizer", "-", *rest]))
+    spec = parse_spec(["--config", args.config, "--out", "-", "--tokenizer", "-", *rest], "tinytrain prepare tokenizer")
     tok = train_spec_tokenizer(spec, out, args.vocab_size, args.documents, args.max_lines)
     print(f"{out}: {tok.vocab_size} pieces, sha256 {tok.sha256}")
 
