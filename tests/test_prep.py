@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -249,6 +250,7 @@ def test_disk_full_is_a_clear_error_and_the_next_run_finishes(corpus, prepared_m
     proc = run_tinytrain("prepare", "--config", spec, cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "No space left on device while writing; nothing partial was kept" in proc.stderr
+    assert re.search(rf"{re.escape(str(out))}/\S+: No space left on device", proc.stderr)  # names the file
     assert not list(out.rglob("*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
     run_tinytrain("prepare", "--config", spec, cwd=tmp_path)
