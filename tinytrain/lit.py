@@ -78,22 +78,30 @@ class LitLlama(L.LightningModule):
         init_from: Optional[str] = None,
         peak_flops: Optional[float] = None,
         loss_chunk_size: int = 0,
+        compile_loss: bool = False,
+        float8: bool = False,
     ) -> None:
         """A Llama model trained on next-token prediction.
 
         Args:
             config: The architecture (see tinytrain.model.LlamaConfig and its presets).
             optim: AdamW, learning-rate schedule and gradient clipping.
-            attention: "auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" or "flash-attn".
+            attention: "auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" (PyTorch
+                chooses the kernel), "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math" (that SDPA
+                kernel only) or "flash-attn".
             activation_checkpointing: Recompute each block's activations in backward, to save memory.
             compile: torch.compile each transformer block.
             init_from: Start from these weights (a tinytrain checkpoint folder, e.g. one made by
                 `tinytrain convert from-hf`, or a Hugging Face Llama folder) with a fresh optimizer
                 and step 0. Ignored when resuming a run from its own checkpoint.
             peak_flops: Peak FLOP/s of one device, for the logged MFU; None looks GPUs up in a table
-                of bf16 peaks (tinytrain.model.PEAK_FLOPS) and logs no MFU on other devices.
+                of bf16 peaks (tinytrain.model.PEAK_FLOPS) and, on CPU, measures a matrix product
+                at the start of training.
             loss_chunk_size: > 0 computes the loss this many tokens at a time, never holding fp32
                 logits for the whole micro-batch (0: the plain cross-entropy).
+            compile_loss: torch.compile the final norm, output head and cross-entropy.
+            float8: Experimental. Float8 matmuls in the blocks' linear layers (torchao, dynamic
+                tensorwise scaling; needs compute capability 8.9+, e.g. H100). Changes the numerics.
         """
         super().__init__()
         if init_from == "???":
@@ -106,6 +114,7 @@ class LitLlama(L.LightningModule):
         if loss_chunk_size < 0:
             raise ValueError(f"model.loss_chunk_size must be >= 0, got {loss_chunk_size}")
         self.loss_chunk_size = loss_chunk_size
+        self.compile_loss, self.float8 = compile_loss, float8
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
         self._step_started: Optional[float] = None
@@ -118,19 +127,16 @@ class LitLlama(L.LightningModule):
         if self.model is not None:
             return
         strategy = self.trainer.strategy if self._trainer is not None else None
+        switches = dict(attention=self.attention, loss_chunk_size=self.loss_chunk_size, float8=self.float8,
+                        activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks,
+                        compile_loss=self.compile_loss)
         if isinstance(strategy, ModelParallelStrategy):
-            with torch.device("meta"):
-                model = Llama(self.config)
-            self._prepare_model(model)
-            precision = str(self.trainer.precision)
-            param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
-            parallel.apply_fsdp(model, strategy.device_mesh["data_parallel"], param_dtype)
-            model.to_empty(device=strategy.root_device)
-            with torch.no_grad():
-                model.init_weights()
+            param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+            model = parallel.build_sharded(self.config, strategy.device_mesh["data_parallel"], strategy.root_device,
+                                           param_dtype, **switches)
         else:
             model = Llama(self.config)
-            self._prepare_model(model)
+            parallel.prepare(model, device=strategy.root_device if strategy is not None else None, **switches)
         if self.init_from:
             self._load_initial_weights(model)
         self.model = model
@@ -167,15 +173,6 @@ class LitLlama(L.LightningModule):
             else:
                 model.load_weights(weights)
         log.info("initialised from %s", self.init_from)
-
-    def _prepare_model(self, model: Llama) -> None:
-        """The switches applied from outside the model, before any sharding."""
-        model.set_attention_backend(self.attention)
-        model.loss_chunk_size = self.loss_chunk_size
-        if self.activation_checkpointing:
-            parallel.apply_activation_checkpointing(model)
-        if self.compile_blocks:
-            parallel.apply_compile(model)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -247,11 +244,13 @@ class LitLlama(L.LightningModule):
             self.log("train/tflops_per_device", flops / 1e12)
             if self._peak is not None:
                 self.log("train/mfu", flops / self._peak, prog_bar=True)
+            if self.device.type == "cuda":
+                self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30)
         self._step_started = now
         return mean_loss
 
     def on_train_start(self) -> None:
-        from tinytrain.model import peak_flops
+        from tinytrain.model import measured_cpu_peak, peak_flops
 
         self._peak = self.peak_flops
         if self._peak is None and self.device.type == "cuda":
@@ -259,6 +258,9 @@ class LitLlama(L.LightningModule):
             if self._peak is None:
                 log.info("no bf16 peak known for %s: set model.peak_flops to log MFU",
                          torch.cuda.get_device_name(self.device))
+        elif self._peak is None and self.device.type == "cpu":
+            self._peak = measured_cpu_peak()
+            log.info("CPU peak for MFU: %.1f GFLOP/s (fastest measured matmul)", self._peak / 1e9)
 
     def on_train_epoch_start(self) -> None:
         self._step_started = None

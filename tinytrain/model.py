@@ -120,6 +120,30 @@ def peak_flops(device_name: str) -> Optional[float]:
     return None
 
 
+def _matmul_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
+    import time
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the fastest n x n x n matrix product on this CPU, fp32 or bf16, whichever is faster:
+    the peak that CPU MFU is measured against (no datasheet figure holds for every CPU and thread
+    count). bf16 is timed in full only where a small probe shows it beating fp32 (AMX, AVX512-BF16);
+    elsewhere it is emulated and far slower."""
+    peak = _matmul_rate(torch.float32, n, repeats)
+    if _matmul_rate(torch.bfloat16, 256, 1) > peak / 4:
+        peak = max(peak, _matmul_rate(torch.bfloat16, n, repeats))
+    return peak
+
+
 PRESETS: dict[str, dict] = {
     # TinyLlama 1.1B (arXiv 2401.02385): exactly 1,100,048,384 parameters.
     "tinyllama-1.1b": dict(
@@ -210,6 +234,14 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+# Attention backends a recipe can name (model.attention). "sdpa-<kernel>" pins PyTorch's
+# scaled_dot_product_attention to one kernel for the training forward (a failure to run it is an
+# error, not a silent fallback); plain "sdpa" lets PyTorch choose.
+SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+ATTENTION_BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash-attn")
+
+
 _logged_backends: set[str] = set()
 
 
@@ -244,8 +276,24 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
-        self.backend = "auto"  # "auto" | "sdpa" | "flash-attn"; set by Llama.set_attention_backend
         self.kv_cache: Optional[KVCache] = None
+        self.set_backend("auto")
+
+    def set_backend(self, backend: str) -> None:
+        """One of ATTENTION_BACKENDS (see Llama.set_attention_backend)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
+        self.backend = backend
+        # Resolved once here, not per call: the compiled forward then only reads attributes.
+        self.flash_fn = _flash_attn_func() if backend in ("auto", "flash-attn") else None
+        if backend == "flash-attn" and self.flash_fn is None:
+            raise RuntimeError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable "
+                               "(pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
+        self.sdpa_kernels = None
+        if backend in SDPA_KERNELS:
+            from torch.nn.attention import SDPBackend
+
+            self.sdpa_kernels = [getattr(SDPBackend, SDPA_KERNELS[backend])]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -262,31 +310,42 @@ class LlamaAttention(nn.Module):
             y = self._sdpa(q, k, v, causal_offset=pos)
         elif self._use_flash(q):
             _note_backend("flash-attn")
-            flash = _flash_attn_func()
             # flash-attn takes (B, T, heads, hd) and handles grouped KV heads natively.
-            y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+            y = self.flash_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
         else:
-            _note_backend("sdpa")
+            _note_backend(self.backend if self.sdpa_kernels else "sdpa")
             y = self._sdpa(q, k, v, causal_offset=0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d)
         return self.o_proj(y)
 
     def _use_flash(self, q: torch.Tensor) -> bool:
-        if self.backend == "sdpa" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-            if self.backend == "flash-attn" and not q.is_cuda:
-                raise RuntimeError("attention backend 'flash-attn' needs CUDA tensors; use 'sdpa' or 'auto'")
+        if self.flash_fn is None:
             return False
-        available = _flash_attn_func() is not None
-        if self.backend == "flash-attn" and not available:
-            raise RuntimeError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable")
-        return available
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            if self.backend == "flash-attn":
+                raise RuntimeError(f"attention backend 'flash-attn' needs CUDA tensors in bf16 or fp16, got "
+                                   f"{q.device.type} {q.dtype}; use 'sdpa' or 'auto'")
+            return False
+        return True
 
     def _sdpa(self, q, k, v, causal_offset: int) -> torch.Tensor:
         # enable_gqa lets each group of query heads read its KV head without copying K and V.
         gqa = self.n_kv != self.n_head
         T, S = q.size(2), k.size(2)
         if causal_offset == 0 and T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            if self.sdpa_kernels is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            if not q.is_cuda and self.backend in ("sdpa-cudnn", "sdpa-efficient"):
+                raise RuntimeError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} use "
+                                   "'sdpa', 'sdpa-flash' or 'sdpa-math'")
+            from torch.nn.attention import sdpa_kernel
+
+            if gqa and self.backend in ("sdpa-cudnn", "sdpa-efficient"):
+                # These kernels may not take grouped KV heads: give each query head its own copy.
+                rep = self.n_head // self.n_kv
+                k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+            with sdpa_kernel(self.sdpa_kernels):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if T == 1:  # one new token attends to everything cached
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         # A chunk of T new tokens after causal_offset cached ones.
@@ -369,10 +428,11 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # assign=True would have untied them
 
     def set_attention_backend(self, backend: str) -> None:
-        if backend not in ("auto", "sdpa", "flash-attn"):
-            raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flash-attn', got {backend!r}")
+        """"auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" (PyTorch picks the kernel),
+        "sdpa-flash" / "sdpa-cudnn" / "sdpa-efficient" / "sdpa-math" (one SDPA kernel, forced) or
+        "flash-attn". Decoding with KV caches always uses SDPA's own choice."""
         for block in self.layers:
-            block.self_attn.backend = backend
+            block.self_attn.set_backend(backend)
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, pos: int = 0
@@ -390,14 +450,18 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, d)
         for block in self.layers:
             x = block(x, cos, sin, pos)
+        if targets is None:
+            return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.head_loss(x, targets)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final norm, output head and mean cross-entropy: the part ``compile_loss`` compiles."""
         x = self.norm(x)
-        if targets is not None and self.loss_chunk_size > 0:
+        if self.loss_chunk_size > 0:
             # (B, T, d) -> (B T, d): never materialises (B T, V) fp32 logits
             return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                                    self.loss_chunk_size)
         logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def setup_kv_caches(self, batch: int, length: Optional[int] = None, dtype=None) -> None:
