@@ -1,12 +1,18 @@
 """Training throughput and MFU of a model preset on the device at hand (CUDA GPU or CPU).
 
-Runs real training steps (forward, backward, gradient clipping, AdamW) on one device after a
-warm-up, and writes JSON: tokens/s, median step time, MFU by 6N + 12LHQT FLOPs per token against
-the device's peak (a table of GPU bf16 peaks; on CPU a measured fp32 matmul peak), peak memory,
-the attention backend, compile and the other switches, and the versions.
+Runs real training steps (forward, backward, gradient clipping, AdamW; optionally FSDP2 over
+this one device, as the recipe runs) after a warm-up, and writes JSON: tokens/s, median step
+time and its parts, MFU by 6N + 12LHQT FLOPs per token against the device's peak (a table of GPU
+bf16 peaks; on CPU a measured matmul peak), peak memory, the switches, and the versions.
 
-    python benchmarks/throughput.py --preset tinyllama-1.1b --micro_batch 8 --compile --out benchmarks/results/h100.json
+    python benchmarks/throughput.py --preset tinyllama-1.1b --micro_batch 8 --fsdp --compile \\
+        --out benchmarks/results/h100.json
     python benchmarks/throughput.py --preset tiny --micro_batch 8 --seq 256          # CPU
+
+Each switch is the recipe's switch of the same name (see README, Performance). The timed step
+is --accum micro-batches and one optimizer step; each micro-batch and the optimizer are timed
+apart too, so `tokens_per_s_at_accum` gives the rate at the recipe's accumulation
+(1024 sequences / micro batch on one GPU) without running minute-long steps.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import contextlib
 import json
 import resource
+import socket
 import statistics
 import sys
 import time
@@ -27,153 +34,224 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from tinytrain import parallel  # noqa: E402
 from tinytrain.lit import OptimConfig, adamw  # noqa: E402
-from tinytrain.model import Llama, LlamaConfig, peak_flops  # noqa: E402
+from tinytrain.model import ATTENTION_BACKENDS, Llama, LlamaConfig, measured_cpu_peak, peak_flops  # noqa: E402
 
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
-
-
-def measured_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few fp32 n x n x n matrix products on this CPU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best
+TINYLLAMA_GLOBAL_BATCH = 1024  # sequences per optimizer step in recipes/tinyllama-1.1b.yaml
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def add_switches(parser: argparse.ArgumentParser) -> None:
+    """The model, batch and speed switches shared with loss_parity.py."""
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's maximum)")
+    parser.add_argument("--micro_batch", type=int, default=8)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
+                        help="default: bf16-mixed on CUDA, 32-true on CPU")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--compile_loss", action="store_true", help="torch.compile norm + head + cross-entropy")
+    parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument("--fused_adamw", choices=["auto", "on", "off"], default="off")
+    parser.add_argument("--loss_chunk_size", type=int, default=0, help="chunked cross-entropy (0: plain)")
+    parser.add_argument("--float8", action="store_true", help="experimental: torchao float8 linears")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2 over this one device with bf16 parameters, as `strategy: fsdp2` trains")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up (optimizer steps)")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def switches_of(args) -> dict:
+    return dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size, float8=args.float8,
+                activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                compile_loss=args.compile_loss)
+
+
+def device_and_precision(args) -> tuple[torch.device, str]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A one-process group, so FSDP2 runs here as it does under the Lightning strategy."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+class Runner:
+    """A model, its optimizer and one training step, built as the recipe builds them."""
+
+    def __init__(self, args, seed: int = 0, weights: dict | None = None) -> None:
+        self.device, self.precision = device_and_precision(args)
+        self.config = LlamaConfig.from_name(args.preset)
+        self.seq = args.seq or self.config.max_position_embeddings
+        self.args = args
+        torch.manual_seed(seed)
+        bf16 = self.precision == "bf16-mixed"
+        if args.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            init_single_process_group(self.device)
+            mesh = init_device_mesh(self.device.type, (1,))
+            self.model = parallel.build_sharded(self.config, mesh, self.device, torch.bfloat16 if bf16 else None,
+                                                **switches_of(args))
+        else:
+            with torch.device(self.device):
+                self.model = Llama(self.config)
+            parallel.prepare(self.model, device=self.device, **switches_of(args))
+        if weights is not None:  # the same starting point for every variant compared
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # a copy of the dict: loading into FSDP2 replaces its entries with DTensor shards
+            set_model_state_dict(self.model, dict(weights), options=StateDictOptions(full_state_dict=True, strict=True))
+        fused = {"auto": None, "on": True, "off": False}[args.fused_adamw]
+        self.optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, fused=fused)
+        self.optimizer = adamw(self.model, self.optim)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.steps_done = 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self, batch: torch.Tensor, timed: bool = False) -> tuple[float, list[float], float]:
+        """One optimizer step over batch (accum, micro, seq + 1). Returns the mean loss, and with
+        ``timed`` each micro-batch's forward + backward time and the optimizer's time."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.optim.lr_at(self.steps_done)
+        accum, micro_times = batch.size(0), []
+        total = torch.zeros((), device=self.device)
+        for i in range(accum):
+            t = time.perf_counter()
+            tokens = batch[i]
+            parallel.set_gradient_sync(self.model, i == accum - 1)
+            with self.autocast:
+                loss = self.model(tokens[:, :-1], tokens[:, 1:])
+            (loss / accum).backward()
+            total += loss.detach()
+            if timed:
+                self.sync()
+                micro_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.sync()
+        optimizer_time = time.perf_counter() - t
+        self.steps_done += 1
+        return (total / accum).item(), micro_times, optimizer_time
+
+    def attention_used(self) -> str:
+        attn = self.model.layers[0].self_attn
+        if attn.flash_fn is not None and self.device.type == "cuda" and self.precision == "bf16-mixed":
+            return "flash-attn"
+        return attn.backend
+
+
+def random_batches(config: LlamaConfig, accum: int, micro: int, seq: int, device, n: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randint(0, config.vocab_size, (accum, micro, seq + 1), generator=gen).to(device) for _ in range(n)]
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's maximum)")
-    parser.add_argument("--micro_batch", type=int, default=8)
+    add_switches(parser)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
-                        help="default: bf16-mixed on CUDA, 32-true on CPU")
-    parser.add_argument("--attention", choices=["auto", "sdpa", "flash-attn"], default="auto")
-    parser.add_argument("--sdpa_backend", choices=["any", *SDPA_BACKENDS], default="any")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
-    parser.add_argument("--activation_checkpointing", action="store_true")
-    parser.add_argument("--fused_adamw", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--loss_chunk_size", type=int, default=0, help="chunked cross-entropy (0: plain)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--peak_flops", type=float, default=None, help="override the device's peak FLOP/s")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-    config = LlamaConfig.from_name(args.preset)
-    seq = args.seq or config.max_position_embeddings
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Llama(config)
-    model.set_attention_backend(args.attention)
-    model.loss_chunk_size = args.loss_chunk_size
-    if args.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
-    if args.compile:
-        parallel.apply_compile(model)
-    fused = {"auto": None, "on": True, "off": False}[args.fused_adamw]
-    optimizer = adamw(model, OptimConfig(lr=1e-4, warmup_steps=0, fused=fused))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else contextlib.nullcontext())
-    attention_ctx = contextlib.nullcontext
-    if args.sdpa_backend != "any":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = getattr(SDPBackend, SDPA_BACKENDS[args.sdpa_backend])
-        attention_ctx = lambda: sdpa_kernel(backend)  # noqa: E731
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (args.micro_batch, seq + 1), generator=gen).to(device)
-               for _ in range(4)]
-
-    def step(i: int) -> None:
-        tokens = batches[i % len(batches)]
-        with autocast, attention_ctx():
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     start = time.perf_counter()
+    runner = Runner(args)
+    device, config, seq = runner.device, runner.config, runner.seq
+    batches = random_batches(config, args.accum, args.micro_batch, seq, device)
     for i in range(args.warmup):
-        step(i)
-    sync(device)
+        runner.step(batches[i % len(batches)])
+    runner.sync()
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    step_times, micro_times, optimizer_times = [], [], []
     for i in range(args.steps):
-        sync(device)
         t = time.perf_counter()
-        step(i)
-        sync(device)
-        times.append(time.perf_counter() - t)
+        _, micro, opt = runner.step(batches[i % len(batches)], timed=True)
+        step_times.append(time.perf_counter() - t)
+        micro_times += micro
+        optimizer_times.append(opt)
 
-    median = statistics.median(times)
-    tokens_per_s = args.micro_batch * seq / median
+    median = statistics.median(step_times)
+    tokens_per_step = args.accum * args.micro_batch * seq
+    tokens_per_s = tokens_per_step / median
+    micro_median, optimizer_median = statistics.median(micro_times), statistics.median(optimizer_times)
+    recipe_accum = max(1, TINYLLAMA_GLOBAL_BATCH // args.micro_batch)
+    at_recipe_accum = recipe_accum * args.micro_batch * seq / (recipe_accum * micro_median + optimizer_median)
     flops_per_token = config.training_flops_per_token(seq)
     if args.peak_flops:
         peak, peak_source = args.peak_flops, "given"
     elif device.type == "cuda":
         peak, peak_source = peak_flops(torch.cuda.get_device_name(device)), "bf16 datasheet table"
     else:
-        peak, peak_source = measured_cpu_peak(), "measured fp32 2048^3 matmul"
-    uses_flash = args.attention == "flash-attn" or (
-        args.attention == "auto" and device.type == "cuda" and precision == "bf16-mixed" and flash_attn_installed())
+        peak, peak_source = measured_cpu_peak(), "measured 1024^3 matmul (fastest of fp32, bf16)"
+
+    def mfu(rate: float):
+        return rate * flops_per_token / peak if peak else None
+
     result = {
         "benchmark": "throughput",
         "preset": args.preset,
         "params": config.num_params(),
         "seq_len": seq,
         "micro_batch": args.micro_batch,
-        "precision": precision,
-        "attention": "flash-attn" if uses_flash else f"sdpa ({args.sdpa_backend})",
+        "accum": args.accum,
+        "precision": runner.precision,
+        "attention": runner.attention_used(),
         "compile": args.compile,
+        "compile_loss": args.compile_loss,
         "activation_checkpointing": args.activation_checkpointing,
         "fused_adamw": args.fused_adamw,
         "loss_chunk_size": args.loss_chunk_size,
+        "float8": args.float8,
+        "fsdp": args.fsdp,
         "steps": args.steps,
         "warmup_s": round(warmup_s, 2),
         "median_step_s": median,
-        "step_times_s": times,
+        "step_times_s": step_times,
+        "micro_step_median_s": micro_median,
+        "optimizer_median_s": optimizer_median,
         "tokens_per_s": tokens_per_s,
+        "mfu": mfu(tokens_per_s),
+        "recipe_accum": recipe_accum,
+        "tokens_per_s_at_accum": at_recipe_accum,
+        "mfu_at_accum": mfu(at_recipe_accum),
+        "at_accum_note": "recipe_accum x micro-batch median + optimizer median, both measured here",
         "flops_per_token": flops_per_token,
         "achieved_flops": tokens_per_s * flops_per_token,
         "peak_flops": peak,
         "peak_source": peak_source,
-        "mfu": tokens_per_s * flops_per_token / peak if peak else None,
         "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "reserved_memory_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "tokens_per_s", "median_step_s", "mfu", "peak_memory_bytes",
-                                             "attention", "compile")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("device", "tokens_per_s", "mfu", "tokens_per_s_at_accum", "mfu_at_accum",
+                                             "peak_memory_bytes", "attention", "compile")}, indent=2))
+    if args.fsdp:
+        torch.distributed.destroy_process_group()
     return result
-
-
-def flash_attn_installed() -> bool:
-    from tinytrain.model import _flash_attn_func
-
-    return _flash_attn_func() is not None
 
 
 if __name__ == "__main__":

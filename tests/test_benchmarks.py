@@ -10,7 +10,7 @@ from conftest import ROOT
 
 def run_benchmark(script: str, *args: str, out, timeout: float, env: dict | None = None) -> dict:
     """Run benchmarks/<script> with its own --out, check it succeeded, return the JSON it wrote."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -60,13 +60,48 @@ def test_resume_cost_benchmark_writes_its_json(tmp_path, code_corpus):
 
 
 def test_throughput_benchmark_on_cpu_writes_its_json(tmp_path):
-    r = run_benchmark("throughput.py", "--preset", "ci", "--steps", "2", "--warmup", "1", out=tmp_path / "tp.json",
-                      timeout=300)
+    r = run_benchmark("throughput.py", "--preset", "ci", "--steps", "2", "--warmup", "1", "--accum", "2",
+                      out=tmp_path / "tp.json", timeout=300)
     assert r["device"] == "cpu" and r["precision"] == "32-true" and r["peak_source"].startswith("measured")
-    assert r["tokens_per_s"] == pytest.approx(r["micro_batch"] * r["seq_len"] / r["median_step_s"])
+    assert r["tokens_per_s"] == pytest.approx(r["accum"] * r["micro_batch"] * r["seq_len"] / r["median_step_s"])
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"])
     assert 0 < r["mfu"] < 1.5 and r["peak_memory_bytes"] > 0 and len(r["step_times_s"]) == 2
-    assert r["machine"]["torch"] and r["attention"].startswith("sdpa")
+    assert r["machine"]["torch"] and r["attention"] == "sdpa" and r["command"].startswith("python benchmarks/")
+    # The recipe's accumulation (1024 / 8 micro-batches per step), from the measured parts.
+    assert r["recipe_accum"] == 128
+    assert r["tokens_per_s_at_accum"] == pytest.approx(
+        128 * r["micro_batch"] * r["seq_len"] / (128 * r["micro_step_median_s"] + r["optimizer_median_s"]))
+
+
+def test_levers_benchmark_runs_each_variant_and_reports_failures(tmp_path):
+    r = run_benchmark("levers.py", "--only", "compile+loss", "fsdp", "sdpa-cudnn", "--combined=--fused_adamw on "
+                      "--loss_chunk_size 64", "--", "--preset", "ci", "--steps", "2", "--warmup", "1",
+                      out=tmp_path / "levers.json", timeout=600)
+    rows = {row["name"]: row for row in r["rows"]}
+    assert list(rows) == ["plain", "compile+loss", "fsdp", "sdpa-cudnn", "combined"]
+    for name in ("plain", "compile+loss", "fsdp", "combined"):
+        assert rows[name]["tokens_per_s"] > 0 and rows[name]["succeeded"] == 1, rows[name]
+        assert rows[name]["ratio_to_plain"] == pytest.approx(rows[name]["tokens_per_s"] / rows["plain"]["tokens_per_s"])
+    assert rows["combined"]["switches"] == "--fused_adamw on --loss_chunk_size 64"
+    # A CUDA-only kernel on CPU fails with the reason, and the other variants still run.
+    assert "sdpa-cudnn" in rows["sdpa-cudnn"]["error"] and "CUDA kernel" in rows["sdpa-cudnn"]["error"]
+    assert r["device"] == "cpu" and r["base_arguments"] == ["--preset", "ci", "--steps", "2", "--warmup", "1"]
+
+
+def test_loss_parity_benchmark_compares_curves_from_the_same_start(prepared, tmp_path):
+    r = run_benchmark("loss_parity.py", "--data", str(prepared), "--preset", "ci", "--seq", "64", "--micro_batch", "4",
+                      "--accum", "2", "--steps", "12", "--precision", "bf16-mixed",
+                      "--fast=--fsdp --compile --compile_loss --loss_chunk_size 64 --fused_adamw on",
+                      "--reference", "--reference_micro_batch", "2", out=tmp_path / "parity.json", timeout=600)
+    runs = r["runs"]
+    assert [runs[k]["precision"] for k in ("plain", "fast", "reference")] == ["bf16-mixed", "bf16-mixed", "32-true"]
+    assert runs["reference"]["micro_batch"] == 2 and all(len(x["losses"]) == 12 for x in runs.values())
+    # Same weights, same batches: the first losses agree to bf16 rounding; then every curve falls.
+    assert max(x["losses"][0] for x in runs.values()) - min(x["losses"][0] for x in runs.values()) < 0.02
+    assert all(x["losses"][-1] < x["losses"][0] - 0.5 for x in runs.values())
+    assert r["fast_vs_plain"]["max_abs_diff"] < 0.05 and r["plain_vs_reference"]["max_abs_diff"] < 0.05
+    assert r["fast_vs_plain"]["max_abs_diff"] == pytest.approx(
+        max(abs(a - b) for a, b in zip(runs["plain"]["losses"], runs["fast"]["losses"])))
 
 
 @pytest.mark.gpu

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements of the 1.1B recipe, in parts that each take under ten minutes on one H100.
+#
+#   bash benchmarks/h100.sh data       # on any machine: the token folder the parity run reads
+#   bash benchmarks/h100.sh env        # GPU, torch, CUDA, cuDNN, flash-attn and torchao versions
+#   bash benchmarks/h100.sh levers-1   # plain, attention kernels, fused AdamW, FSDP2, micro batch
+#   bash benchmarks/h100.sh levers-2   # compile, compiled loss, chunked loss, checkpointing, float8
+#   bash benchmarks/h100.sh combined "--fsdp --compile --compile_loss --fused_adamw on"
+#   bash benchmarks/h100.sh parity   "--fsdp --compile --compile_loss --fused_adamw on"
+#
+# Results go to benchmarks/results/ (or $RESULTS); each JSON holds the exact command it ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${RESULTS:-benchmarks/results}
+PY=${PYTHON:-python3}
+BASE=(--preset tinyllama-1.1b --micro_batch 8 --accum 2 --steps 10 --warmup 3)
+DATA=benchmarks/data/parity
+
+case "${1:-}" in
+  data)
+    # This Python's standard library with an 8,000-piece BPE: 3.6M tokens, enough for 50 steps of
+    # 16 x 2,048 tokens in one epoch (ids < 8,000 fit the 32,000-row embedding).
+    stdlib=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+    $PY -m tinytrain.cli prepare --corpus "$stdlib" --out "$DATA" --vocab_size 8000 ;;
+  env)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+for name in ("flash_attn", "torchao", "lightning", "triton"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:
+        print(name, "not importable:", type(e).__name__, e)
+EOF
+    ;;
+  levers-1)
+    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-1-h100.json" \
+      --only plain sdpa-flash sdpa-cudnn sdpa-efficient flash-attn fused-adamw fsdp micro-4 micro-16 -- "${BASE[@]}" ;;
+  levers-2)
+    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-2-h100.json" \
+      --only plain compile compile+loss chunked-loss activation-checkpointing float8 -- "${BASE[@]}" ;;
+  combined)
+    $PY benchmarks/throughput.py "${BASE[@]}" ${2:?the switches to combine} --out "$RESULTS/throughput-h100.json" ;;
+  parity)
+    $PY benchmarks/loss_parity.py --data "$DATA" --preset tinyllama-1.1b --micro_batch 8 --accum 2 --steps 50 \
+      --fast="${2:?the fast switches}" --reference --reference_micro_batch 2 \
+      --out "$RESULTS/loss_parity-h100.json" ;;
+  *)
+    sed -n '2,10p' "$0"; exit 2 ;;
+esac
