@@ -105,10 +105,13 @@ def test_loss_parity_benchmark_compares_curves_from_the_same_start(prepared, tmp
 
 
 @pytest.mark.gpu
-def test_throughput_benchmark_on_gpu(tmp_path):
-    r = run_benchmark("throughput.py", "--preset", "tiny", "--steps", "3", "--warmup", "2", out=tmp_path / "tp.json",
-                      timeout=600)
+@pytest.mark.parametrize("switches", [[], ["--fsdp", "--compile", "--compile_loss", "--fused_adamw", "on",
+                                           "--attention", "sdpa-cudnn"]])
+def test_throughput_benchmark_on_gpu(tmp_path, switches):
+    r = run_benchmark("throughput.py", "--preset", "tiny", "--steps", "3", "--warmup", "2", *switches,
+                      out=tmp_path / "tp.json", timeout=600)
     assert r["device"] != "cpu" and r["precision"] == "bf16-mixed" and r["peak_memory_bytes"] > 0
+    assert r["peak_source"] == "bf16 datasheet table" or r["peak_flops"] is None
 
 
 def test_prep_speed_benchmark_writes_its_json(tmp_path):

@@ -154,3 +154,48 @@ def test_every_lever_together_trains_like_the_plain_path(model_and_batch):
     fast_weights = fast.state_dict()
     for name, w in model.state_dict().items():
         torch.testing.assert_close(fast_weights[name], w, rtol=1e-4, atol=1e-4)
+
+
+def _cuda_model_and_batch():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci")).cuda()
+    idx, targets = torch.randint(0, 512, (2, 4, 128), device="cuda").unbind(0)
+    return model, idx, targets
+
+
+def _bf16_loss_and_grads(model, idx, targets):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return loss_and_grads(model, idx, targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"])
+def test_cuda_sdpa_kernels_match_the_math_kernel(backend):
+    """Each CUDA attention kernel against SDPA's math kernel, in bf16: same loss to bf16 rounding,
+    gradients within 2% relative norm."""
+    model, idx, targets = _cuda_model_and_batch()
+    fast = copy.deepcopy(model)
+    model.set_attention_backend("sdpa-math")
+    fast.set_attention_backend(backend)
+    loss, grads = _bf16_loss_and_grads(model, idx, targets)
+    loss_f, grads_f = _bf16_loss_and_grads(fast, idx, targets)
+    assert abs(loss_f.item() - loss.item()) < 1e-2
+    for name, g in grads.items():
+        assert (grads_f[name] - g).norm() <= 2e-2 * g.norm() + 1e-6, name
+
+
+@pytest.mark.gpu
+def test_cuda_float8_stays_close_to_bf16():
+    pytest.importorskip("torchao.float8")
+    if torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(RuntimeError, match="compute capability 8.9"):
+            parallel.apply_float8(copy.deepcopy(_cuda_model_and_batch()[0]), torch.device("cuda"))
+        return
+    model, idx, targets = _cuda_model_and_batch()
+    fp8 = copy.deepcopy(model)
+    parallel.apply_float8(fp8, torch.device("cuda"))
+    loss, grads = _bf16_loss_and_grads(model, idx, targets)
+    loss_8, grads_8 = _bf16_loss_and_grads(fp8, idx, targets)
+    assert abs(loss_8.item() - loss.item()) < 0.02 * loss.item()
+    for name, g in grads.items():
+        assert torch.nn.functional.cosine_similarity(grads_8[name].flatten().float(), g.flatten().float(), dim=0) > 0.95
