@@ -112,6 +112,15 @@ def main(argv=None) -> dict:
     if args.reference:
         result["plain_vs_reference"] = compare(runs["reference"], runs["plain"])
         result["fast_vs_reference"] = compare(runs["reference"], runs["fast"])
+        # bf16 noise = how far the plain bf16 run is from fp32; the fast run may stray twice that
+        # (or 0.01 nats, whichever is larger) on the last ten steps and on validation.
+        key = "mean_abs_diff_last_10"
+        noise_tail = max(2 * result["plain_vs_reference"][key], 0.01)
+        noise_val = max(2 * abs(result["plain_vs_reference"]["val_diff"]), 0.01)
+        result["within_bf16_noise"] = (result["fast_vs_reference"][key] <= noise_tail
+                                       and abs(result["fast_vs_reference"]["val_diff"]) <= noise_val)
+        result["within_bf16_noise_rule"] = ("fast vs fp32 <= max(2 x (plain bf16 vs fp32), 0.01), on the mean "
+                                            "absolute loss difference of the last 10 steps and on validation loss")
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result["command"] = "python benchmarks/loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result["machine"] = machine()
@@ -121,6 +130,8 @@ def main(argv=None) -> dict:
     for key in ("fast_vs_plain", "plain_vs_reference", "fast_vs_reference"):
         if key in result:
             print(key, json.dumps({k: round(v, 5) for k, v in result[key].items()}))
+    if "within_bf16_noise" in result:
+        print("within bf16 noise:", result["within_bf16_noise"])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result

@@ -102,6 +102,7 @@ def test_loss_parity_benchmark_compares_curves_from_the_same_start(prepared, tmp
     assert r["fast_vs_plain"]["max_abs_diff"] < 0.05 and r["plain_vs_reference"]["max_abs_diff"] < 0.05
     assert r["fast_vs_plain"]["max_abs_diff"] == pytest.approx(
         max(abs(a - b) for a, b in zip(runs["plain"]["losses"], runs["fast"]["losses"])))
+    assert r["within_bf16_noise"] is True
 
 
 @pytest.mark.gpu
