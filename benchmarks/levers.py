@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
             row["ratio_to_plain"] = row["tokens_per_s"] / plain
     first = next((x for results in runs.values() for x in results if "error" not in x), {})
     result = {"benchmark": "levers", "base_arguments": base, "rounds": args.rounds, "device": first.get("device"),
-              "machine": first.get("machine"), "command": "python benchmarks/levers.py " + " ".join(argv),
+              "machine": first.get("machine"), "command": "python benchmarks/levers.py " + shlex.join(argv),
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

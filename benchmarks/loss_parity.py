@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         result["within_bf16_noise_rule"] = ("fast vs fp32 <= max(2 x (plain bf16 vs fp32), 0.01), on the mean "
                                             "absolute loss difference of the last 10 steps and on validation loss")
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result["command"] = "python benchmarks/loss_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python benchmarks/loss_parity.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result["machine"] = machine()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

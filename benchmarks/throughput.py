@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import resource
+import shlex
 import socket
 import statistics
 import sys
@@ -241,7 +242,7 @@ def main(argv=None) -> dict:
         "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "reserved_memory_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
     }
     out = Path(args.out)
