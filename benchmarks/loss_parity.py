@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from throughput import Runner, add_switches  # noqa: E402
-from tinytrain.data import TokenData  # noqa: E402
+from tinytrain.data import TokenData, ValBatches  # noqa: E402
 from tinytrain.model import Llama, LlamaConfig  # noqa: E402
 
 
@@ -88,13 +88,10 @@ def main(argv=None) -> dict:
                      seed=args.seed, val_batches=args.val_batches)
     data.open()
     batches = list(data.train_dataset(0, args.steps))
-    val_blocks = data.val_sets[0]
-    n_val = min(args.val_batches * args.micro_batch, len(val_blocks))
-    val_tokens = val_blocks.gather(torch.arange(n_val).numpy())
-    val = list(torch.as_tensor(val_tokens).split(args.micro_batch))
+    val = list(ValBatches(data.val_sets[0], data.val_batches_per_source[0], args.micro_batch, rank=0, world_size=1))
 
     torch.manual_seed(args.seed)
-    weights = {k: v.clone() for k, v in Llama(config).state_dict().items()}  # fp32, on CPU, drawn once
+    weights = Llama(config).state_dict()  # fp32, on CPU, drawn once
 
     runs = {"plain": train("plain", args, weights, batches, val)}
     fast_args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), *shlex.split(args.fast)])

@@ -92,7 +92,6 @@ class Runner:
         self.device, self.precision = device_and_precision(args)
         self.config = LlamaConfig.from_name(args.preset)
         self.seq = args.seq or self.config.max_position_embeddings
-        self.args = args
         torch.manual_seed(seed)
         bf16 = self.precision == "bf16-mixed"
         if args.fsdp:

@@ -9,6 +9,7 @@ torch.distributed: parallelism is applied from outside (see ``tinytrain.parallel
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
@@ -17,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +227,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@functools.cache
 def _flash_attn_func():
-    """flash-attn's kernel when the package is installed, else None."""
+    """flash-attn's kernel when the package is installed, else None (looked up once per process)."""
     try:
         from flash_attn import flash_attn_func
     except Exception:  # not installed, or built for another torch/CUDA
@@ -237,8 +240,10 @@ def _flash_attn_func():
 # Attention backends a recipe can name (model.attention). "sdpa-<kernel>" pins PyTorch's
 # scaled_dot_product_attention to one kernel for the training forward (a failure to run it is an
 # error, not a silent fallback); plain "sdpa" lets PyTorch choose.
-SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
-                "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+# CUDA-only kernels, which may also not take grouped KV heads (they are given one K/V copy per head).
+_CUDA_SDPA_KERNELS = ("sdpa-cudnn", "sdpa-efficient")
 ATTENTION_BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash-attn")
 
 
@@ -284,16 +289,12 @@ class LlamaAttention(nn.Module):
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
         self.backend = backend
-        # Resolved once here, not per call: the compiled forward then only reads attributes.
+        # Resolved here, not per call: the compiled forward then only reads attributes.
         self.flash_fn = _flash_attn_func() if backend in ("auto", "flash-attn") else None
         if backend == "flash-attn" and self.flash_fn is None:
             raise RuntimeError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable "
                                "(pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
-        self.sdpa_kernels = None
-        if backend in SDPA_KERNELS:
-            from torch.nn.attention import SDPBackend
-
-            self.sdpa_kernels = [getattr(SDPBackend, SDPA_KERNELS[backend])]
+        self.sdpa_kernels = [SDPA_KERNELS[backend]] if backend in SDPA_KERNELS else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -335,15 +336,13 @@ class LlamaAttention(nn.Module):
         if causal_offset == 0 and T == S:
             if self.sdpa_kernels is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            if not q.is_cuda and self.backend in ("sdpa-cudnn", "sdpa-efficient"):
-                raise RuntimeError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} use "
-                                   "'sdpa', 'sdpa-flash' or 'sdpa-math'")
-            from torch.nn.attention import sdpa_kernel
-
-            if gqa and self.backend in ("sdpa-cudnn", "sdpa-efficient"):
-                # These kernels may not take grouped KV heads: give each query head its own copy.
-                rep = self.n_head // self.n_kv
-                k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+            if self.backend in _CUDA_SDPA_KERNELS:
+                if not q.is_cuda:
+                    raise RuntimeError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} "
+                                       "use 'sdpa', 'sdpa-flash' or 'sdpa-math'")
+                if gqa:  # give each query head its own copy of its K and V
+                    rep = self.n_head // self.n_kv
+                    k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
             with sdpa_kernel(self.sdpa_kernels):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if T == 1:  # one new token attends to everything cached
