@@ -8,26 +8,35 @@
 #   bash benchmarks/h100.sh combined "--fsdp --compile --compile_loss --fused_adamw on"
 #   bash benchmarks/h100.sh parity   "--fsdp --compile --compile_loss --fused_adamw on"
 #
-# Results go to benchmarks/results/ (or $RESULTS); each JSON holds the exact command it ran.
+# Results go to $RESULTS/<part>-$TAG.json (benchmarks/results/...-h100.json); each JSON holds the
+# exact command it ran. The shape can be changed from the environment (PRESET, SEQ, MICRO_BATCH,
+# ACCUM, STEPS, WARMUP, PARITY_STEPS, REFERENCE_MICRO_BATCH, DATA, CORPUS, VOCAB, TAG, PYTHON), so
+# the same parts run on CPU with the ci preset in the tests before an H100 is spent on them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results}
+TAG=${TAG:-h100}
 PY=${PYTHON:-python3}
-BASE=(--preset tinyllama-1.1b --micro_batch 8 --accum 2 --steps 10 --warmup 3)
-DATA=benchmarks/data/parity
+SHAPE=(--preset "${PRESET:-tinyllama-1.1b}" --micro_batch "${MICRO_BATCH:-8}" --accum "${ACCUM:-2}")
+if [[ -n ${SEQ:-} ]]; then SHAPE+=(--seq "$SEQ"); fi
+BASE=("${SHAPE[@]}" --steps "${STEPS:-10}" --warmup "${WARMUP:-3}")
+DATA=${DATA:-benchmarks/data/parity}
 
 case "${1:-}" in
   data)
     # This Python's standard library with an 8,000-piece BPE: 3.6M tokens, enough for 50 steps of
     # 16 x 2,048 tokens in one epoch (ids < 8,000 fit the 32,000-row embedding).
-    stdlib=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-    $PY -m tinytrain.cli prepare --corpus "$stdlib" --out "$DATA" --vocab_size 8000 ;;
+    corpus=${CORPUS:-$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")}
+    $PY -m tinytrain.cli prepare --corpus "$corpus" --out "$DATA" --vocab_size "${VOCAB:-8000}" ;;
   env)
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"
     $PY - <<'EOF'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+else:
+    print("gpu none: CUDA is not available")
 for name in ("flash_attn", "torchao", "lightning", "triton"):
     try:
         print(name, importlib.import_module(name).__version__)
@@ -36,17 +45,17 @@ for name in ("flash_attn", "torchao", "lightning", "triton"):
 EOF
     ;;
   levers-1)
-    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-1-h100.json" \
+    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-1-$TAG.json" \
       --only plain sdpa-flash sdpa-cudnn sdpa-efficient flash-attn fused-adamw fsdp micro-4 micro-16 -- "${BASE[@]}" ;;
   levers-2)
-    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-2-h100.json" \
+    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-2-$TAG.json" \
       --only plain compile compile+loss chunked-loss activation-checkpointing float8 -- "${BASE[@]}" ;;
   combined)
-    $PY benchmarks/throughput.py "${BASE[@]}" ${2:?the switches to combine} --out "$RESULTS/throughput-h100.json" ;;
+    $PY benchmarks/throughput.py "${BASE[@]}" ${2:?the switches to combine} --out "$RESULTS/throughput-$TAG.json" ;;
   parity)
-    $PY benchmarks/loss_parity.py --data "$DATA" --preset tinyllama-1.1b --micro_batch 8 --accum 2 --steps 50 \
-      --fast="${2:?the fast switches}" --reference --reference_micro_batch 2 \
-      --out "$RESULTS/loss_parity-h100.json" ;;
+    $PY benchmarks/loss_parity.py --data "$DATA" "${SHAPE[@]}" --steps "${PARITY_STEPS:-50}" \
+      --fast="${2:?the fast switches}" --reference --reference_micro_batch "${REFERENCE_MICRO_BATCH:-2}" \
+      --out "$RESULTS/loss_parity-$TAG.json" ;;
   *)
-    sed -n '2,10p' "$0"; exit 2 ;;
+    sed -n '2,14p' "$0"; exit 2 ;;
 esac

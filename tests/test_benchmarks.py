@@ -133,3 +133,42 @@ def test_loader_speed_benchmark_writes_its_json(tmp_path):
     assert set(result["tokens_per_s_by_start_step"]) == {"0", "1000000", "1000000000"}
     assert result["tokens_per_s"] > 0
     assert result["over_h100_consumption"] == pytest.approx(result["tokens_per_s"] / 70_000)
+
+
+@pytest.mark.slow
+def test_h100_script_parts_run_on_cpu_at_a_small_shape(tmp_path, code_corpus):
+    """Every part of benchmarks/h100.sh, at the ci shape on CPU: the wiring a GPU run depends on."""
+    env = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(tmp_path), "TAG": "cpu", "PRESET": "ci",
+           "SEQ": "64", "MICRO_BATCH": "2", "ACCUM": "2", "STEPS": "2", "WARMUP": "1", "PARITY_STEPS": "6",
+           "REFERENCE_MICRO_BATCH": "1", "DATA": str(tmp_path / "parity"), "CORPUS": str(code_corpus),
+           "VOCAB": "512"}
+    fast = "--fsdp --compile --compile_loss --fused_adamw on"
+
+    def part(*args: str) -> str:
+        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "h100.sh"), *args], capture_output=True, text=True,
+                              timeout=900, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-3000:])
+        return proc.stdout
+
+    part("data")
+    assert (tmp_path / "parity" / "manifest.json").exists()
+    assert "gpu none" in part("env")
+    part("levers-1")
+    part("levers-2")
+    part("combined", fast)
+    part("parity", fast)
+    for lever_part, names in (("levers-1", ["plain", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flash-attn",
+                                            "fused-adamw", "fsdp", "micro-4", "micro-16"]),
+                              ("levers-2", ["plain", "compile", "compile+loss", "chunked-loss",
+                                            "activation-checkpointing", "float8"])):
+        rows = {row["name"]: row for row in json.loads((tmp_path / f"{lever_part}-cpu.json").read_text())["rows"]}
+        assert list(rows) == names
+        for name, row in rows.items():
+            if name in ("sdpa-cudnn", "sdpa-efficient", "flash-attn"):  # CUDA-only: a row with the reason
+                assert row.get("error"), row
+            else:
+                assert row["succeeded"] == 1 and row["tokens_per_s"] > 0, row
+    combined = json.loads((tmp_path / "throughput-cpu.json").read_text())
+    assert combined["compile"] and combined["fsdp"] and combined["preset"] == "ci" and combined["seq_len"] == 64
+    parity = json.loads((tmp_path / "loss_parity-cpu.json").read_text())
+    assert [len(parity["runs"][k]["losses"]) for k in ("plain", "fast", "reference")] == [6, 6, 6]
