@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -123,8 +124,6 @@ def peak_flops(device_name: str) -> Optional[float]:
 
 
 def _matmul_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
-    import time
-
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
