@@ -18,7 +18,7 @@ from typing import Optional
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,plan} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
@@ -26,6 +26,7 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate} 
   generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
   convert    Hugging Face Llama:  tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
+  plan       memory per GPU:      tinytrain plan --config RECIPE [--world_size N] [--gpu_memory_gib 80]
 
 `tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
 """
@@ -195,6 +196,10 @@ def consolidate_main(argv: list[str]) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit" and from_command_line:
+        from tinytrain import preemption
+
+        preemption.install()  # first, before the seconds of imports: SIGUSR1 must never kill a job
     _setup_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -209,6 +214,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         return prepare_main(argv[1:])
     if argv[0] == "convert":
         return convert_main(argv[1:])
+    if argv[0] == "plan":
+        from tinytrain.plan import main as plan_main
+
+        return plan_main(argv[1:])
     from tinytrain.fitcli import TinyTrainCLI
 
     if argv[0] not in TinyTrainCLI.subcommands():
@@ -218,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from tinytrain.checkpoint import ConfigSaver
     from tinytrain.data import TokenData
     from tinytrain.lit import LitLlama
-    from tinytrain.parallel import register_strategy
+    from tinytrain.strategy import register_strategy
 
     register_strategy()
 

@@ -1,10 +1,13 @@
 """Switches applied to the model from outside, in torchtitan's order:
-float8 linears -> activation checkpointing -> torch.compile -> FSDP2 (each block, then the root)."""
+float8 linears -> activation checkpointing -> torch.compile -> FSDP2 (each block, then the root).
+
+No Lightning here: the Lightning strategy that drives FSDP2 is tinytrain.strategy."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -28,8 +31,8 @@ def apply_compile(model: Llama) -> None:
 
 
 def apply_compile_loss(model: Llama) -> None:
-    """torch.compile the final norm, output head and cross-entropy (``Llama.head_loss``)."""
-    model.head_loss = torch.compile(model.head_loss, fullgraph=True)
+    """torch.compile the output head and cross-entropy (``Llama.logits_loss``)."""
+    model.logits_loss = torch.compile(model.logits_loss, fullgraph=True)
 
 
 def _float8_eligible(module: nn.Module, fqn: str) -> bool:
@@ -56,17 +59,72 @@ def apply_float8(model: Llama, device: Optional[torch.device] = None) -> int:
     return converted
 
 
-def apply_fsdp(model: Llama, mesh, param_dtype: Optional[torch.dtype] = None) -> None:
-    """Shard every block, then the root (embedding, final norm, head). With ``param_dtype``,
-    parameters are gathered and computed in that dtype and gradients reduced in fp32."""
+def apply_fsdp(model: Llama, mesh, param_dtype: Optional[torch.dtype] = None, gather_once_per_step: bool = True) -> None:
+    """Shard the model with FSDP2 over ``mesh`` (1-D: fully sharded; 2-D (replicate, shard):
+    hybrid). One group for the embedding, one per block, one for the final norm and the output
+    head (torchtitan's grouping), then the root, so each group's all-gather overlaps the compute
+    of the one before. With ``param_dtype``, parameters are gathered and computed in that dtype
+    and gradients reduced in fp32.
+
+    Groups needed again as soon as backward starts (the last block, the norm and head) stay
+    gathered after forward. ``gather_once_per_step`` keeps every group gathered across the
+    micro-batches of a step when there are several (see ``gathered_for_step``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    defaults = []  # (FSDP module, reshard_after_forward) to restore after a gathered step
+
+    def shard(module, reshard: bool):
+        out = fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        defaults.extend((m, reshard) for m in (out if isinstance(out, list) else [out]))
+
+    # Tied weights live in one group: the embedding's weight is the head's.
+    separate_ends = not model.config.tie_word_embeddings
+    if separate_ends:
+        shard(model.embed_tokens, True)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
-        # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+        shard(block, i < n - 1)
+    if separate_ends:
+        # One group, unsharded by the norm's forward; the chunked loss reads lm_head.weight directly.
+        shard([model.norm, model.lm_head], False)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.fsdp_reshard_defaults = defaults
+    model.fsdp_gather_once_per_step = gather_once_per_step
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+@contextlib.contextmanager
+def gathered_for_step(model: nn.Module, micro_batches: int) -> Iterator[None]:
+    """Within this block, with several micro-batches under FSDP2, each group is all-gathered once
+    (by the first micro-batch's forward) and resharded after the last micro-batch's backward,
+    instead of being gathered for every forward and every backward. Costs memory: the whole model,
+    unsharded in the compute dtype, for the duration of the step."""
+    active = micro_batches > 1 and is_fsdp(model) and getattr(model, "fsdp_gather_once_per_step", False)
+    if active:
+        model.set_reshard_after_forward(False)
+        model.set_reshard_after_backward(False)
+    model.fsdp_gathered_step = active
+    try:
+        yield
+    finally:
+        if active:
+            for module, reshard in model.fsdp_reshard_defaults:
+                module.set_reshard_after_forward(reshard, recurse=False)
+            model.set_reshard_after_backward(True)
+            model.fsdp_gathered_step = False
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce gradients (and, in a gathered step, reshard) only after the last micro-batch of an
+    accumulation: FSDP2 otherwise reduce-scatters after every backward."""
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(enabled)
+        if getattr(model, "fsdp_gathered_step", False):
+            model.set_reshard_after_backward(enabled)
 
 
 def prepare(model: Llama, *, attention: str = "auto", loss_chunk_size: int = 0, float8: bool = False,
@@ -86,58 +144,15 @@ def prepare(model: Llama, *, attention: str = "auto", loss_chunk_size: int = 0, 
 
 
 def build_sharded(config, mesh, device: torch.device, param_dtype: Optional[torch.dtype] = None,
-                  **switches) -> Llama:
+                  gather_once_per_step: bool = True, **switches) -> Llama:
     """The model as FSDP2 training holds it: built on the meta device, switched (see ``prepare``),
     sharded over ``mesh``, then materialised on ``device`` with TinyLlama's initialisation (each
     rank initialises its own shards)."""
     with torch.device("meta"):
         model = Llama(config)
     prepare(model, device=device, **switches)
-    apply_fsdp(model, mesh, param_dtype)
+    apply_fsdp(model, mesh, param_dtype, gather_once_per_step)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
     return model
-
-
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip FSDP2's gradient reduce-scatter on all but the last micro-batch of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-
-
-def _model_parallel_strategy():
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy
-
-
-class FSDP2(_model_parallel_strategy()):
-    """Lightning's ModelParallelStrategy with every process in one data-parallel (FSDP) group.
-
-    The parent's "auto" sizes make data-parallel = nodes and tensor-parallel = devices per node;
-    pure FSDP across all GPUs of all nodes wants data-parallel = world size. Runs with NCCL on
-    GPUs and gloo on CPU.
-    """
-
-    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: Optional[str] = None) -> None:
-        """
-        Args:
-            save_distributed_checkpoint: Each rank writes its own shard (no gather on one rank).
-            process_group_backend: "nccl", "gloo", or None to choose by device.
-        """
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend)
-
-    def setup_environment(self) -> None:
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        super().setup_environment()
-
-
-def register_strategy() -> None:
-    """Make `--trainer.strategy fsdp2` (a plain string) mean the FSDP2 strategy above."""
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    if "fsdp2" not in StrategyRegistry:
-        StrategyRegistry.register("fsdp2", FSDP2, description="FSDP2 (fully_shard) over every process")
