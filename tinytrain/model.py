@@ -453,13 +453,17 @@ class Llama(nn.Module):
         return self.head_loss(x, targets)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Final norm, output head and mean cross-entropy: the part ``compile_loss`` compiles."""
-        x = self.norm(x)
+        """Final norm, output head and mean cross-entropy."""
+        # The norm runs as a module (FSDP2 gathers the norm + head group in its forward hook);
+        # the rest reads the head's weight as a tensor, so ``compile_loss`` can compile it whole.
+        return self.logits_loss(self.norm(x), self.lm_head.weight, targets)
+
+    def logits_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits x @ weight.T against targets: the part ``compile_loss`` compiles."""
         if self.loss_chunk_size > 0:
             # (B, T, d) -> (B T, d): never materialises (B T, V) fp32 logits
-            return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                                   self.loss_chunk_size)
-        logits = self.lm_head(x)  # (B, T, V)
+            return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), self.loss_chunk_size)
+        logits = F.linear(x, weight)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def setup_kv_caches(self, batch: int, length: Optional[int] = None, dtype=None) -> None:
