@@ -24,9 +24,7 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
-import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -37,6 +35,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
+
+from tinytrain import preemption
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ConfigSaver(SaveConfigCallback):
 
 class Checkpointing(Callback):
     def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
-                 resume: bool = True, save_on_signal: bool = True) -> None:
+                 resume: bool = True, save_on_signal: bool = True, signal_check_every_n_steps: int = 5) -> None:
         """Periodic, atomic checkpoints, automatic resume, and checkpoint-and-requeue on SIGUSR1.
 
         Args:
@@ -148,50 +148,64 @@ class Checkpointing(Callback):
             resume: On start, continue from the newest complete checkpoint in dirpath, if any.
             save_on_signal: On SIGUSR1 (SLURM's warning before a time limit or preemption), finish
                 the current step, save a checkpoint, requeue the SLURM job (when in one) and stop.
+            signal_check_every_n_steps: With several processes, the ranks agree on whether a
+                SIGUSR1 arrived every this many steps (a collective and a host sync each time), so
+                the warning must cover this many steps plus a save. One process checks every step.
         """
         if every_n_steps <= 0:
             raise ValueError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
         if keep_last < 0:
             raise ValueError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
+        if signal_check_every_n_steps <= 0:
+            raise ValueError(f"checkpoint.signal_check_every_n_steps must be positive, got {signal_check_every_n_steps}")
         self.dirpath = Path(dirpath).expanduser() if dirpath else None
         self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
-        self.save_on_signal = save_on_signal
+        self.save_on_signal, self.signal_check_every_n_steps = save_on_signal, signal_check_every_n_steps
         self._last_saved_step: Optional[int] = None
-        self._signalled = False
-        self._previous_handler = None
 
     def folder(self, trainer: L.Trainer) -> Path:
         return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
 
     # --- preemption ----------------------------------------------------------------------------
-    # The handler only raises a flag. Saving inside a signal handler (as Lightning's own SLURM
-    # handler does) can interrupt a backward pass or an FSDP collective; instead every rank
-    # finishes the step, the ranks agree, and they save together at the step boundary.
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.save_on_signal:
+            preemption.install()  # `tinytrain fit` did at start; a Trainer built in Python may not have
+        else:
+            preemption.uninstall()
+
+    def _stop_requested(self, trainer: L.Trainer, force_check: bool = False) -> bool:
+        if not self.save_on_signal:
+            return False
+        if trainer.world_size == 1:
+            return preemption.requested()
+        if not force_check and trainer.global_step % self.signal_check_every_n_steps:
+            return False
+        return trainer.strategy.reduce_boolean_decision(preemption.requested(), all=False)  # any rank signalled
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.save_on_signal and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_signal)
+        if self._stop_requested(trainer, force_check=True):
+            # Signalled while the model was built, compiled or restored: nothing new to save.
+            log.info("SIGUSR1 before the first step: stopping at step %d without training", trainer.global_step)
+            self._stop_for_preemption(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGUSR1, self._previous_handler)
-            self._previous_handler = None
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signalled = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = self._signalled
-        if self.save_on_signal and trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)  # any rank signalled
+        stop = self._stop_requested(trainer)
         if trainer.global_step % self.every_n_steps == 0 or stop:
             self.save(trainer)
         if stop:
             log.info("SIGUSR1: saved step %d; stopping", trainer.global_step)
-            if trainer.is_global_zero:
-                requeue_slurm_job()
-            trainer.should_stop = True
+            self._stop_for_preemption(trainer)
+
+    def _stop_for_preemption(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            requeue_slurm_job()
+        trainer.should_stop = True
 
     def save(self, trainer: L.Trainer) -> Optional[Path]:
         step = trainer.global_step
@@ -199,6 +213,14 @@ class Checkpointing(Callback):
         final = folder / f"step-{step:08d}"
         if step == self._last_saved_step or (step == 0):
             return None
+        if final.exists() and damage(final) is None:
+            # This run's own checkpoint of this step, already complete (a resumed run that ends, or
+            # is preempted, where it started): the state is the same, so nothing is written again.
+            if trainer.is_global_zero:
+                point_last(folder, final)
+            trainer.strategy.barrier("tinytrain.checkpoint.exists")
+            self._last_saved_step = step
+            return final
         tmp = folder / f".tmp-step-{step:08d}"
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
@@ -218,13 +240,12 @@ class Checkpointing(Callback):
             previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
             raise RuntimeError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
         if trainer.is_global_zero:
-            if final.exists():  # re-saving a step that exists (e.g. end of an already finished run)
-                shutil.rmtree(tmp)
-            else:
-                _fsync_tree(tmp)
-                os.replace(tmp, final)
-                _fsync_dir(folder)
-            _point_last(folder, final)
+            if final.exists():  # damaged (checked above): kept aside, never deleted
+                set_aside(final, damage(final) or "replaced")
+            _fsync_tree(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+            point_last(folder, final)
             self._prune(folder, final)
             log.info("saved checkpoint %s", final)
         trainer.strategy.barrier("tinytrain.checkpoint.done")
@@ -261,15 +282,31 @@ class Checkpointing(Callback):
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def _prune(self, folder: Path, keep: Path) -> None:
+        """Delete intact checkpoints older than the newest ``keep_last`` intact ones (a damaged
+        folder never counts as one of those, so the newest intact one always stays)."""
         if not self.keep_last:
             return
-        dirs = step_dirs(folder)
-        for _, path in dirs[: max(0, len(dirs) - self.keep_last)]:
+        intact = [path for _, path in step_dirs(folder) if damage(path) is None]
+        for path in intact[: max(0, len(intact) - self.keep_last)]:
             if path.resolve() == keep.resolve():
                 continue
             doomed = path.with_name(".del-" + path.name)
             os.replace(path, doomed)  # never leave a half-deleted step-N behind
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged checkpoint folder out of the way (``step-N.damaged-<time>``, which resume
+    and pruning ignore), keeping its files for inspection; return the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    log.warning("set aside damaged checkpoint %s as %s (%s)", path, target.name, reason)
+    return target
 
 
 def requeue_slurm_job() -> bool:
@@ -291,7 +328,7 @@ def requeue_slurm_job() -> bool:
     return True
 
 
-def _point_last(folder: Path, target: Path) -> None:
+def point_last(folder: Path, target: Path) -> None:
     tmp_link = folder / ".last.tmp"
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()

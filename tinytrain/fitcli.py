@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from tinytrain.checkpoint import Checkpointing, latest_checkpoint
+from tinytrain.checkpoint import (STATE, Checkpointing, damage, latest_checkpoint, point_last, resolve_checkpoint,
+                                  set_aside, step_dirs)
 
 log = logging.getLogger("tinytrain")
+
+
+def checkpoint_state_path(value: str) -> str:
+    """Lightning's ckpt_path from what a user may pass, as `generate` and `convert` accept it: a
+    step folder, its `last` link, a run folder or its checkpoints folder (or the state itself)."""
+    path = Path(value).expanduser()
+    if path.name == STATE and path.exists():
+        return str(path)
+    return str(resolve_checkpoint(path) / STATE)
 
 
 class TinyTrainCLI(LightningCLI):
@@ -24,16 +35,39 @@ class TinyTrainCLI(LightningCLI):
         # Checkpoints are ours (atomic folders + `last`); Lightning's ModelCheckpoint would write a second set.
         parser.set_defaults({"trainer.enable_checkpointing": False})
 
+    def _checkpointing(self) -> Checkpointing:
+        return next(cb for cb in self.trainer.callbacks if isinstance(cb, Checkpointing))
+
     def before_fit(self) -> None:
         fit_config = self.config_init[self.subcommand]
-        if fit_config.get("ckpt_path") is None:
-            ckpt_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, Checkpointing))
-            found = latest_checkpoint(ckpt_cb.folder(self.trainer)) if ckpt_cb.resume else None
+        if fit_config.get("ckpt_path") is not None:
+            fit_config["ckpt_path"] = checkpoint_state_path(fit_config["ckpt_path"])
+        else:
+            ckpt_cb = self._checkpointing()
+            folder = ckpt_cb.folder(self.trainer)
+            found = latest_checkpoint(folder) if ckpt_cb.resume else None
             if found is not None:
                 if self.trainer.is_global_zero:
                     log.info("resuming from %s", found)
-                fit_config["ckpt_path"] = str(found / "state.ckpt")
+                    self._set_aside_damaged(folder, found)
+                fit_config["ckpt_path"] = str(found / STATE)
         if fit_config.get("ckpt_path") is not None and getattr(self.model, "init_from", None):
             # The restored checkpoint replaces the weights: loading init_from too would only cost time.
             log.info("resuming, so model.init_from %s is not loaded", self.model.init_from)
             self.model.init_from = None
+
+    @staticmethod
+    def _set_aside_damaged(folder: Path, resumed: Path) -> None:
+        """Damaged checkpoints newer than the one resumed from are renamed out of the way, so that
+        `last`, pruning and the next resume only ever see checkpoints that load."""
+        for step, path in step_dirs(folder):
+            if step > int(resumed.name.removeprefix("step-")) and (problem := damage(path)) is not None:
+                set_aside(path, problem)
+        last = folder / "last"
+        if last.is_symlink() and not last.exists():
+            point_last(folder, resumed)
+
+    def before_validate(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is not None:
+            config["ckpt_path"] = checkpoint_state_path(config["ckpt_path"])
