@@ -121,14 +121,15 @@ class Blocks:
         start = int(b) * self.seq_len
         return self.stream.slice(start, start + self.seq_len + 1)
 
-    def gather(self, block_ids: np.ndarray) -> torch.Tensor:
-        out = np.empty((len(block_ids), self.seq_len + 1), dtype=np.int64)
+    def gather(self, block_ids: np.ndarray, dtype=np.int64) -> torch.Tensor:
+        out = np.empty((len(block_ids), self.seq_len + 1), dtype=dtype)
         for row, b in zip(out, block_ids):
             row[:] = self.block(b)
         return torch.from_numpy(out)
 
-    def file_of(self, block: int) -> Path:
-        return self.stream.file_at(int(block) * self.seq_len)
+    def file_of(self, block: int, offset: int = 0) -> Path:
+        """The shard holding token ``offset`` of block ``block``."""
+        return self.stream.file_at(int(block) * self.seq_len + offset)
 
 
 MIXTURE_PERIOD = 1_000_000
@@ -202,16 +203,40 @@ class SampleOrder:
             block[sel] = sample_blocks(index[sel], len(self.blocks[s]), self.source_seed(int(s)))
         return source, block
 
-    def gather(self, samples: np.ndarray) -> np.ndarray:
+    def gather(self, samples: np.ndarray, dtype=np.int64) -> np.ndarray:
         source, block = self.locate(samples)
-        out = np.empty((len(block), self.seq_len + 1), dtype=np.int64)
+        out = np.empty((len(block), self.seq_len + 1), dtype=dtype)
         for row, s, b in zip(out, source, block):
             row[:] = self.blocks[s].block(b)
         return out
 
+    def file_of(self, sample: int, offset: int = 0) -> Path:
+        """The shard holding token ``offset`` of global sample ``sample``."""
+        source, block = self.locate(np.array([sample]))
+        return self.blocks[int(source[0])].file_of(int(block[0]), offset)
+
     def epochs(self, samples: int) -> np.ndarray:
         """Epochs of each source that the first ``samples`` global samples cover (fractional)."""
         return self.mixture.drawn(samples) / np.array([len(b) for b in self.blocks], dtype=np.float64)
+
+
+def transit_dtype(vocab_size: Optional[int]) -> np.dtype:
+    """The integer type token ids travel in from the loader to the device: int16 when the
+    vocabulary fits (TinyLlama's 32,000 does), else int32; a quarter or half of int64's bytes in
+    shared memory, pinned memory and the host-to-device copy. Ids are widened on the device."""
+    return np.dtype(np.int16) if vocab_size is not None and vocab_size <= 2**15 else np.dtype(np.int32)
+
+
+def check_ids(tokens: np.ndarray, vocab_size: Optional[int], file_at, raw_row) -> None:
+    """Stop, naming the file, if a row holds an id outside [0, vocab_size) (a value too large for
+    the transit type shows as negative). ``file_at(row, column)`` names the shard of a token,
+    ``raw_row(row)`` reads a row again as int64, for the message."""
+    if vocab_size is None or not tokens.size or (tokens.min() >= 0 and tokens.max() < vocab_size):
+        return
+    row, column = (int(i[0]) for i in np.nonzero((tokens < 0) | (tokens >= vocab_size)))
+    raise shards.ShardError(f"{file_at(row, column)}: holds token id {int(raw_row(row)[column])} >= the model's "
+                            f"vocab_size {vocab_size}; the file changed after preparation (check it with "
+                            "`tinytrain prepare --verify`)")
 
 
 class TrainSteps(IterableDataset):
@@ -220,7 +245,7 @@ class TrainSteps(IterableDataset):
     With several loader workers, worker w yields steps start + w, start + w + n_workers, ...;
     the DataLoader interleaves them round-robin, so the order is unchanged. A token id at or above
     ``vocab_size`` (a shard altered after it was checked) stops the run naming its file, instead of
-    reaching the embedding as an out-of-range index.
+    reaching the embedding as an out-of-range index. Tokens are ``transit_dtype(vocab_size)``.
     """
 
     def __init__(self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int,
@@ -234,14 +259,9 @@ class TrainSteps(IterableDataset):
 
     def step_batch(self, step: int) -> torch.Tensor:
         samples = rank_samples(step, self.global_batch, self.rank, self.world_size)
-        tokens = self.order.gather(samples)
-        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
-            row = int(np.flatnonzero((tokens >= self.vocab_size).any(axis=1))[0])
-            source, block = self.order.locate(samples[row:row + 1])
-            path = self.order.blocks[int(source[0])].file_of(int(block[0]))
-            raise shards.ShardError(f"{path}: holds token id {int(tokens[row].max())} >= the model's vocab_size "
-                                    f"{self.vocab_size}; the file changed after preparation (check it with "
-                                    "`tinytrain prepare --verify`)")
+        tokens = self.order.gather(samples, transit_dtype(self.vocab_size))
+        check_ids(tokens, self.vocab_size, lambda row, col: self.order.file_of(int(samples[row]), col),
+                  lambda row: self.order.gather(samples[row:row + 1])[0])
         return torch.from_numpy(tokens).view(self.accum, self.micro_batch, -1)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -254,16 +274,22 @@ class TrainSteps(IterableDataset):
 
 
 class ValBatches(IterableDataset):
-    """The first ``batches`` x world x micro blocks of the validation split, in order; each rank its share."""
+    """The first ``batches`` x world x micro blocks of the validation split, in order; each rank its
+    share. Token ids are checked against ``vocab_size`` as training batches are."""
 
-    def __init__(self, blocks: Blocks, batches: int, micro_batch: int, rank: int, world_size: int) -> None:
+    def __init__(self, blocks: Blocks, batches: int, micro_batch: int, rank: int, world_size: int,
+                 vocab_size: Optional[int] = None) -> None:
         self.blocks, self.batches, self.micro_batch = blocks, batches, micro_batch
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for b in range(self.batches):
             first = (b * self.world_size + self.rank) * self.micro_batch
-            yield self.blocks.gather(np.arange(first, first + self.micro_batch))
+            ids = np.arange(first, first + self.micro_batch)
+            tokens = self.blocks.gather(ids, transit_dtype(self.vocab_size))
+            check_ids(tokens.numpy(), self.vocab_size, lambda row, col: self.blocks.file_of(int(ids[row]), col),
+                      lambda row: self.blocks.block(ids[row]))
+            yield tokens
 
 
 @dataclass
@@ -466,7 +492,7 @@ class TokenData(L.LightningDataModule):
 
     def val_dataloader(self):
         rank, world = self._rank()
-        loaders = [self._loader(ValBatches(val, n, self.micro_batch_size, rank, world))
+        loaders = [self._loader(ValBatches(val, n, self.micro_batch_size, rank, world, self.vocab_size))
                    for val, n in zip(self.val_sets, self.val_batches_per_source)]
         return loaders[0] if len(loaders) == 1 else loaders
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from tinytrain import parallel
 from tinytrain.model import Llama, LlamaConfig
+from tinytrain.step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class LitLlama(L.LightningModule):
                 at the start of training.
             loss_chunk_size: > 0 computes the loss this many tokens at a time, never holding fp32
                 logits for the whole micro-batch (0: the plain cross-entropy).
-            compile_loss: torch.compile the final norm, output head and cross-entropy.
+            compile_loss: torch.compile the output head and cross-entropy.
             float8: Experimental. Float8 matmuls in the blocks' linear layers (torchao, dynamic
                 tensorwise scaling; needs compute capability 8.9+, e.g. H100). Changes the numerics.
         """
@@ -132,15 +135,26 @@ class LitLlama(L.LightningModule):
                         activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks,
                         compile_loss=self.compile_loss)
         if isinstance(strategy, ModelParallelStrategy):
-            param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
-            model = parallel.build_sharded(self.config, strategy.device_mesh["data_parallel"], strategy.root_device,
-                                           param_dtype, **switches)
+            precision = str(self.trainer.precision)
+            if precision in ("bf16-true", "16-true"):
+                raise ValueError(
+                    f"trainer.precision {precision} with FSDP2 would keep the master weights and AdamW state in "
+                    f"{precision.split('-')[0]} as well; use {precision.replace('true', 'mixed')} (FSDP2 computes and "
+                    "gathers parameters in that dtype, keeps fp32 master weights and reduces gradients in fp32)")
+            param_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+            mesh = getattr(strategy, "fsdp_mesh", None) or strategy.device_mesh["data_parallel"]
+            model = parallel.build_sharded(self.config, mesh, strategy.root_device, param_dtype,
+                                           gather_once_per_step=getattr(strategy, "gather_once_per_step", True),
+                                           **switches)
         else:
             model = Llama(self.config)
             parallel.prepare(model, device=strategy.root_device if strategy is not None else None, **switches)
         if self.init_from:
             self._load_initial_weights(model)
         self.model = model
+        log.info("model: %s parameters, %d layers, width %d%s", f"{self.config.num_params():,}",
+                 self.config.num_hidden_layers, self.config.hidden_size,
+                 ", sharded with FSDP2" if isinstance(strategy, ModelParallelStrategy) else "")
 
     def _initial_weights(self) -> dict:
         """The weights of ``init_from``, after checking its architecture against the recipe's."""
@@ -176,6 +190,14 @@ class LitLlama(L.LightningModule):
         log.info("initialised from %s", self.init_from)
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # Lightning evaluates under torch.inference_mode except on gloo; FSDP2 allocates its
+            # unsharded parameters lazily, and made under inference_mode they break the first
+            # forward ("Inference tensors do not track version counter"). no_grad is enough.
+            for loop in (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop):
+                loop.inference_mode = False
+        if self._trainer is not None:
+            log.info("%s", self._process_description())
         dm = self.trainer.datamodule if self._trainer is not None else None
         if self.init_from and dm is not None and getattr(dm, "folder", None) is not None:
             from tinytrain import hf
@@ -195,38 +217,39 @@ class LitLlama(L.LightningModule):
                 f"{self.config.max_position_embeddings}"
             )
 
+    def _process_description(self) -> str:
+        """Where this rank runs and what it may use: wrong CPU or GPU binding shows here first."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return (f"rank {self.trainer.global_rank} of {self.trainer.world_size} on {socket.gethostname()}: "
+                f"{cpus} CPUs, {torch.get_num_threads()} torch threads, device {self.trainer.strategy.root_device}"
+                + (f" of {torch.cuda.device_count()} visible GPUs" if torch.cuda.is_available() else ""))
+
     def configure_optimizers(self):
         return adamw(self.model, self.optim)
 
     # --- training -----------------------------------------------------------------------------
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # Token ids arrive as int16/int32 in pinned memory; copy without waiting, widen on the device.
+        return batch.to(device, non_blocking=True)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # batch: (accumulation, micro batch, seq_len + 1) token ids for this rank and this step.
-        opt = self.optimizers()
         step = self.global_step
         lr = self.optim.lr_at(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        accum = batch.size(0)
-        total = torch.zeros((), device=batch.device)
-        for i in range(accum):
-            tokens = batch[i]
-            parallel.set_gradient_sync(self.model, i == accum - 1)
-            loss = self.model(tokens[:, :-1], tokens[:, 1:])
-            self.manual_backward(loss / accum)
-            total += loss.detach()
-        if self.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        mean_loss, grad_norm = train_step(self.model, self.optimizers(), batch, lr, self.optim.grad_clip,
+                                          backward=self.manual_backward)
+        now = time.perf_counter()
+        # Only on the steps Lightning writes logs: each logged value costs a device sync, and the
+        # loss a collective (sync_dist). The values written are the same as logging every step.
+        if self.trainer._logger_connector.should_update_logs:
+            self._log_step(step, lr, mean_loss, grad_norm, now)
+        self._step_started = now
+        return mean_loss
 
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
+    def _log_step(self, step: int, lr: float, mean_loss: torch.Tensor, grad_norm: torch.Tensor, now: float) -> None:
         dm = self.trainer.datamodule
         tokens_per_step = dm.global_batch_size * dm.seq_len
-        mean_loss = total / accum
         self.log("train/loss", mean_loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", lr)
         self.log("train/grad_norm", grad_norm)
@@ -234,7 +257,6 @@ class LitLlama(L.LightningModule):
         if hasattr(dm, "epochs_completed"):
             for name, epochs in dm.epochs_completed(step + 1).items():
                 self.log(f"data/epochs/{name}", epochs)
-        now = time.perf_counter()
         if self._step_started is not None:
             # Time between step starts: in steady state this is the step time, with no extra sync.
             tokens_per_sec = tokens_per_step / (now - self._step_started)
@@ -247,8 +269,6 @@ class LitLlama(L.LightningModule):
                 self.log("train/mfu", flops / self._mfu_peak(flops), prog_bar=True)
             if self.device.type == "cuda":
                 self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30)
-        self._step_started = now
-        return mean_loss
 
     def on_train_start(self) -> None:
         from tinytrain.model import measured_cpu_peak, peak_flops
@@ -282,6 +302,7 @@ class LitLlama(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         # One dataloader per source of a mixture; dataloader_idx says which.
+        batch = batch.long()
         loss = self.model(batch[:, :-1], batch[:, 1:]).detach()
         self._val_losses.setdefault(dataloader_idx, []).append(loss)
 
