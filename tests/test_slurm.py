@@ -32,18 +32,23 @@ def slurm_cluster(tmp_path_factory):
     assert stop.returncode == 0, stop.stderr
 
 
-def submit(cwd: Path, env: dict, corpus: Path, *extra) -> str:
-    job_env = {**env, "TINYTRAIN_HOME": str(ROOT), "TINYTRAIN": f"{sys.executable} -m tinytrain.cli",
+def sbatch(cwd: Path, env: dict, *args, tasks: int = 2, cpus: int = 1, command: str | None = None) -> str:
+    """Submit slurm/train.sbatch with ``args`` for `tinytrain fit`; return the job id."""
+    job_env = {**env, "TINYTRAIN_HOME": str(ROOT), "TINYTRAIN": command or f"{sys.executable} -m tinytrain.cli",
                "MASTER_ADDR": "127.0.0.1", "TINYTRAIN_CACHE": str(cwd / "cache"), "PYTHONUNBUFFERED": "1"}
-    cmd = ["sbatch", "--parsable", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
-           "--time", "15", str(ROOT / "slurm" / "train.sbatch"),
-           "--config", str(RECIPES / "ci.yaml"), "--data.corpus", str(corpus), "--data.val_fraction", "0.1",
-           "--trainer.strategy", "fsdp2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "90",
-           "--checkpoint.every_n_steps", "30", "--trainer.log_every_n_steps", "1", "--model.optim.decay_steps", "90",
-           *extra]
+    cmd = ["sbatch", "--parsable", "--ntasks-per-node", str(tasks), "--gpus-per-node", "0", "--cpus-per-task",
+           str(cpus), "--time", "15", str(ROOT / "slurm" / "train.sbatch"), *map(str, args)]
     out = subprocess.run(cmd, cwd=cwd, env=job_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
+
+
+def submit(cwd: Path, env: dict, corpus: Path, *extra) -> str:
+    """The ci recipe on 2 tasks with FSDP2, 90 steps, checkpoints every 30."""
+    return sbatch(cwd, env, "--config", RECIPES / "ci.yaml", "--data.corpus", corpus, "--data.val_fraction", "0.1",
+                  "--trainer.strategy", "fsdp2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "90",
+                  "--checkpoint.every_n_steps", "30", "--trainer.log_every_n_steps", "1",
+                  "--model.optim.decay_steps", "90", *extra)
 
 
 def job_state(job: str) -> str:
@@ -67,6 +72,44 @@ def wait_for_job(job: str, timeout: float = 420) -> None:
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
         return state == ""
     wait_until(done, timeout, f"job {job} to finish")
+
+
+def job_log(cwd: Path, job: str) -> str:
+    return (cwd / f"slurm-tinytrain-{job}.out").read_text()
+
+
+def test_each_task_gets_the_cpus_and_environment_the_launcher_promises(slurm_cluster, tmp_path):
+    """The node binds each task to its cores (CpuBind=cores, as many sites do), and Slurm 22.05 to
+    23.02 do not pass sbatch's --cpus-per-task on to srun: the launcher must, or a task of 2 CPUs
+    runs on 1."""
+    job = sbatch(tmp_path, slurm_cluster, "--config", "x.yaml", tasks=1, cpus=2,
+                 command=f"{sys.executable} {ROOT / 'tests' / 'slurm_task_probe.py'}")
+    wait_for_job(job, timeout=120)
+    line = next(line for line in job_log(tmp_path, job).splitlines() if line.startswith("task 0:"))
+    assert "cpus 2;" in line, line
+    for setting in ("PYTHONFAULTHANDLER=1", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+                    "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "MASTER_ADDR=127.0.0.1"):
+        assert setting in line, line
+    assert line.endswith("args fit --config x.yaml --trainer.num_nodes 1 --trainer.devices 1"), line
+
+
+def test_a_signal_while_the_job_starts_requeues_without_a_lightning_checkpoint(slurm_cluster, code_corpus,
+                                                                            tmp_path):
+    """SIGUSR1 during start-up (here: the sanity check compiling the blocks) raises tinytrain's flag:
+    Lightning's own handler, which would save an hpc checkpoint from inside the signal handler, is
+    never installed, and the job stops before its first step, requeues and trains to the end."""
+    job = sbatch(tmp_path, slurm_cluster, "--config", RECIPES / "ci.yaml", "--data.corpus", code_corpus,
+                 "--data.val_fraction", "0.1", "--trainer.accelerator", "cpu", "--trainer.max_steps", "20",
+                 "--trainer.num_sanity_val_steps", "2", "--model.compile", "true", tasks=1, cpus=2)
+    wait_until(lambda: (tmp_path / f"slurm-tinytrain-{job}.out").exists()
+               and "model: 158,016 parameters" in job_log(tmp_path, job), 300, "the model to be built")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    wait_for_job(job)
+    log = job_log(tmp_path, job)
+    assert "SIGUSR1 before the first step: stopping at step 0" in log, log[-3000:]
+    assert "restart 1:" in log and f"requeued SLURM job {job}" in log
+    assert "Handling auto-requeue signal" not in log and not list(tmp_path.rglob("hpc_ckpt*"))
+    assert max(train_losses(tmp_path)) == 19
 
 
 def final_state(run: Path) -> tuple[dict, dict]:
