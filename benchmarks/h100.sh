@@ -7,6 +7,8 @@
 #   bash benchmarks/h100.sh levers-2   # compile, compiled loss, chunked loss, checkpointing, float8
 #   bash benchmarks/h100.sh combined "--fsdp --compile --compile_loss --fused_adamw on"
 #   bash benchmarks/h100.sh parity   "--fsdp --compile --compile_loss --fused_adamw on"
+#   bash benchmarks/h100.sh fit ["--model.compile true ..."]   `tinytrain fit` itself, the 1.1B recipe
+#   bash benchmarks/h100.sh plan                               `tinytrain plan --measure` on the 1.1B recipe
 #
 # Results go to $RESULTS/<part>-$TAG.json (benchmarks/results/...-h100.json); each JSON holds the
 # exact command it ran. The shape can be changed from the environment (PRESET, SEQ, MICRO_BATCH,
@@ -56,6 +58,17 @@ EOF
     $PY benchmarks/loss_parity.py --data "$DATA" "${SHAPE[@]}" --steps "${PARITY_STEPS:-50}" \
       --fast="${2:?the fast switches}" --reference --reference_micro_batch "${REFERENCE_MICRO_BATCH:-2}" \
       --out "$RESULTS/loss_parity-$TAG.json" ;;
+  fit)
+    # The product path: the recipe through Lightning, FSDP2 over one GPU, the loader, MFU from its logs.
+    # Global batch = 2 micro-batches, so a step is seconds; ${2:-} adds recipe switches.
+    $PY benchmarks/fit_speed.py --recipe "${RECIPE:-recipes/tinyllama-1.1b.yaml}" --data "$DATA" \
+      --steps "${STEPS:-10}" --skip "${WARMUP:-3}" --out "$RESULTS/fit_speed-$TAG.json" -- \
+      --trainer.devices 1 --data.sources null --data.micro_batch_size "${MICRO_BATCH:-8}" \
+      --data.global_batch_size "$(( ${MICRO_BATCH:-8} * ${ACCUM:-2} ))" ${2:-} ;;
+  plan)
+    $PY -m tinytrain.cli plan --config "${RECIPE:-recipes/tinyllama-1.1b.yaml}" --world_size 1 \
+      --data.micro_batch_size "${MICRO_BATCH:-8}" --data.global_batch_size "$(( ${MICRO_BATCH:-8} * ${ACCUM:-2} ))" \
+      --measure | tee "$RESULTS/plan-$TAG.txt" ;;
   *)
-    sed -n '2,14p' "$0"; exit 2 ;;
+    sed -n '2,16p' "$0"; exit 2 ;;
 esac

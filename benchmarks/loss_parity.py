@@ -47,7 +47,7 @@ def train(name: str, args, weights: dict, batches: list[torch.Tensor], val: list
     model = runner.model
     model.eval()
     with torch.no_grad(), runner.autocast:
-        val_losses = [model(b[:, :-1].to(runner.device), b[:, 1:].to(runner.device)).item() for b in val]
+        val_losses = [model(b[:, :-1].to(runner.device).long(), b[:, 1:].to(runner.device).long()).item() for b in val]
     result = {"name": name, "precision": runner.precision, "micro_batch": args.micro_batch,
               "attention": runner.attention_used(), "losses": losses, "val_loss": sum(val_losses) / len(val_losses),
               "seconds": round(time.perf_counter() - start, 1)}

@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tinytrain.checkpoint import STATE, _point_last  # noqa: E402
+from tinytrain.checkpoint import STATE, point_last  # noqa: E402
 
 FAR = 1_000_000
 
@@ -72,7 +72,7 @@ def move_to_step(folder: Path, old: int, new: int) -> Path:
     meta["files"] = {k: (dst / k).stat().st_size for k in meta["files"]}
     (dst / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(src)  # the far copy must be the newest and only one
-    _point_last(folder, dst)
+    point_last(folder, dst)
     return dst
 
 

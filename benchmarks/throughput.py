@@ -9,10 +9,12 @@ bf16 peaks; on CPU a measured matmul peak), peak memory, the switches, and the v
         --out benchmarks/results/h100.json
     python benchmarks/throughput.py --preset tiny --micro_batch 8 --seq 256          # CPU
 
-Each switch is the recipe's switch of the same name (see README, Performance). The timed step
-is --accum micro-batches and one optimizer step; each micro-batch and the optimizer are timed
-apart too, so `tokens_per_s_at_accum` gives the rate at the recipe's accumulation
-(1024 sequences / micro batch on one GPU) without running minute-long steps.
+Each switch is the recipe's switch of the same name (see README, Performance). The step is the
+trainer's own (tinytrain.step.train_step). The timed step is --accum micro-batches and one
+optimizer step; each micro-batch and the optimizer are timed apart too (CUDA events, read after
+the step: no synchronisation between the parts), so `tokens_per_s_at_accum` gives the rate at the
+recipe's accumulation (1024 sequences / micro batch on one GPU) without running minute-long steps.
+benchmarks/fit_speed.py measures `tinytrain fit` itself.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from tinytrain import parallel  # noqa: E402
+from tinytrain.data import transit_dtype  # noqa: E402
 from tinytrain.lit import OptimConfig, adamw  # noqa: E402
 from tinytrain.model import ATTENTION_BACKENDS, Llama, LlamaConfig, measured_cpu_peak, peak_flops  # noqa: E402
+from tinytrain.step import StepTimer, train_step  # noqa: E402
 
 TINYLLAMA_GLOBAL_BATCH = 1024  # sequences per optimizer step in recipes/tinyllama-1.1b.yaml
 
@@ -59,6 +63,7 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
                         help="FSDP2 over this one device with bf16 parameters, as `strategy: fsdp2` trains")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup_steps", type=int, default=0, help="learning-rate warm-up (optimizer steps)")
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="gradient clipping, as the recipes (0: none)")
 
 
 def switches_of(args) -> dict:
@@ -111,7 +116,7 @@ class Runner:
             # a copy of the dict: loading into FSDP2 replaces its entries with DTensor shards
             set_model_state_dict(self.model, dict(weights), options=StateDictOptions(full_state_dict=True, strict=True))
         fused = {"auto": None, "on": True, "off": False}[args.fused_adamw]
-        self.optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, fused=fused)
+        self.optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, fused=fused, grad_clip=args.grad_clip)
         self.optimizer = adamw(self.model, self.optim)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.steps_done = 0
@@ -121,32 +126,20 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def step(self, batch: torch.Tensor, timed: bool = False) -> tuple[float, list[float], float]:
-        """One optimizer step over batch (accum, micro, seq + 1). Returns the mean loss, and with
-        ``timed`` each micro-batch's forward + backward time and the optimizer's time."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.optim.lr_at(self.steps_done)
-        accum, micro_times = batch.size(0), []
-        total = torch.zeros((), device=self.device)
-        for i in range(accum):
-            t = time.perf_counter()
-            tokens = batch[i]
-            parallel.set_gradient_sync(self.model, i == accum - 1)
-            with self.autocast:
-                loss = self.model(tokens[:, :-1], tokens[:, 1:])
-            (loss / accum).backward()
-            total += loss.detach()
-            if timed:
-                self.sync()
-                micro_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if timed:
-            self.sync()
-        optimizer_time = time.perf_counter() - t
+        """One optimizer step over batch (accum, micro, seq + 1), by the training step the trainer
+        runs (tinytrain.step.train_step). Returns the mean loss, and with ``timed`` each
+        micro-batch's forward + backward time and the optimizer's time, from timestamps recorded
+        as the work is queued (CUDA events), read once after the step."""
+        timer = StepTimer(self.device) if timed else None
+        with self.autocast:
+            loss, _ = train_step(self.model, self.optimizer, batch, self.optim.lr_at(self.steps_done),
+                                 self.optim.grad_clip, timer=timer)
         self.steps_done += 1
-        return (total / accum).item(), micro_times, optimizer_time
+        loss = loss.item()  # waits for the step
+        if timer is None:
+            return loss, [], 0.0
+        parts = timer.times()
+        return loss, [t for name, t in parts if name == "micro_batch"], sum(t for name, t in parts if name == "optimizer")
 
     def attention_used(self) -> str:
         attn = self.model.layers[0].self_attn
@@ -156,8 +149,11 @@ class Runner:
 
 
 def random_batches(config: LlamaConfig, accum: int, micro: int, seq: int, device, n: int = 4) -> list[torch.Tensor]:
+    """Token batches as the loader sends them (its transit dtype)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return [torch.randint(0, config.vocab_size, (accum, micro, seq + 1), generator=gen).to(device) for _ in range(n)]
+    dtype = getattr(torch, transit_dtype(config.vocab_size).name)
+    return [torch.randint(0, config.vocab_size, (accum, micro, seq + 1), generator=gen, dtype=dtype).to(device)
+            for _ in range(n)]
 
 
 def main(argv=None) -> dict:

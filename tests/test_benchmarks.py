@@ -141,7 +141,7 @@ def test_h100_script_parts_run_on_cpu_at_a_small_shape(tmp_path, code_corpus):
     env = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(tmp_path), "TAG": "cpu", "PRESET": "ci",
            "SEQ": "64", "MICRO_BATCH": "2", "ACCUM": "2", "STEPS": "2", "WARMUP": "1", "PARITY_STEPS": "6",
            "REFERENCE_MICRO_BATCH": "1", "DATA": str(tmp_path / "parity"), "CORPUS": str(code_corpus),
-           "VOCAB": "512"}
+           "VOCAB": "512", "RECIPE": str(ROOT / "recipes" / "ci.yaml")}
     fast = "--fsdp --compile --compile_loss --fused_adamw on"
 
     def part(*args: str) -> str:
@@ -157,6 +157,8 @@ def test_h100_script_parts_run_on_cpu_at_a_small_shape(tmp_path, code_corpus):
     part("levers-2")
     part("combined", fast)
     part("parity", fast)
+    part("fit", "--trainer.accelerator cpu")
+    part("plan")
     for lever_part, names in (("levers-1", ["plain", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flash-attn",
                                             "fused-adamw", "fsdp", "micro-4", "micro-16"]),
                               ("levers-2", ["plain", "compile", "compile+loss", "chunked-loss",
@@ -172,3 +174,6 @@ def test_h100_script_parts_run_on_cpu_at_a_small_shape(tmp_path, code_corpus):
     assert combined["compile"] and combined["fsdp"] and combined["preset"] == "ci" and combined["seq_len"] == 64
     parity = json.loads((tmp_path / "loss_parity-cpu.json").read_text())
     assert [len(parity["runs"][k]["losses"]) for k in ("plain", "fast", "reference")] == [6, 6, 6]
+    fit = json.loads((tmp_path / "fit_speed-cpu.json").read_text())
+    assert fit["tokens_per_s_per_device"] > 0 and "--data.global_batch_size 4" in fit["fit_command"]
+    assert "measured on cpu" in (tmp_path / "plan-cpu.txt").read_text()

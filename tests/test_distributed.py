@@ -2,7 +2,9 @@
 initial weights: every global batch is read exactly once across ranks (so the per-step loss equals
 the one-process loss), and a checkpoint written at one world size resumes at another."""
 
+import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -21,7 +23,7 @@ def runner(tmp_path_factory, code_corpus):
 
     done = {}
 
-    def run(name, world, steps, copy_from=None):
+    def run(name, world, steps, copy_from=None, strategy=("--trainer.strategy", "fsdp2")):
         """A run in its own folder; the same name is run only once per module."""
         if name in done:
             return done[name]
@@ -30,7 +32,7 @@ def runner(tmp_path_factory, code_corpus):
             shutil.copytree(root / copy_from, cwd, symlinks=True)
         else:
             cwd.mkdir()
-        proc = run_tinytrain(*ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.devices", world,
+        proc = run_tinytrain(*ci_args(code_corpus, *strategy, "--trainer.devices", world,
                                       "--trainer.max_steps", steps, "--data.micro_batch_size", "4",
                                       "--checkpoint.every_n_steps", "4", "--trainer.log_every_n_steps", "1",
                                       "--model.init_from", init / "runs" / "ci" / "checkpoints" / "last",
@@ -62,6 +64,66 @@ def test_elastic_resume_continues_the_same_stream(runner, written, resumed):
     assert [s for s in after if s >= 8] == [8, 9, 10, 11]
     for step in range(8, 12):
         assert after[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_hybrid_sharding_reads_the_same_stream_and_resumes_fully_sharded(runner):
+    """HSDP: 4 processes as 2 replicas of 2-way shards; same losses as one process, and its
+    checkpoint resumes under plain FSDP2 on 2 processes."""
+    hybrid = ("--trainer.strategy", "tinytrain.strategy.FSDP2", "--trainer.strategy.hybrid", "true",
+              "--trainer.strategy.shard_group_size", "2")
+    hsdp, proc = runner("hsdp-w4-to-8", 4, 8, strategy=hybrid)
+    assert "rank 3 of 4" in proc.stderr
+    one = train_losses(runner("w1-to-12", 1, 12)[0])
+    losses = train_losses(hsdp)
+    assert sorted(losses) == list(range(8))
+    for step in range(8):
+        assert losses[step] == pytest.approx(one[step], rel=1e-5), step
+    cont, proc = runner("hsdp-then-w2", 2, 12, copy_from=hsdp.name)
+    assert "resuming from" in proc.stderr and "step-00000008" in proc.stderr
+    after = train_losses(cont)
+    for step in range(8, 12):
+        assert after[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def count_collectives(cwd, corpus, gather_once: bool) -> tuple[list[dict], dict[int, float]]:
+    """Collectives per training step on rank 0 (tests/count_collectives.py), and the losses, of
+    10 steps on 2 processes with 2 micro-batches each, logging every 5 steps."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    cwd.mkdir()
+    out = cwd / "counts.json"
+    args = ci_args(corpus, "--trainer.strategy", "tinytrain.strategy.FSDP2", "--trainer.devices", "2",
+                   "--trainer.strategy.gather_once_per_step", str(gather_once).lower(),
+                   "--data.micro_batch_size", "4", "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "5",
+                   "--trainer.callbacks+=count_collectives.PerStep", "--checkpoint.every_n_steps", "100",
+                   "--trainer.val_check_interval", "100")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "count_collectives.py"), str(out), *map(str, args)],
+                          cwd=cwd, env={**os.environ, "TINYTRAIN_CACHE": str(cwd / "cache")}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.with_name(out.name + ".0").read_text())["steps"], train_losses(cwd)
+
+
+def test_fsdp2_gathers_once_per_step_and_syncs_the_host_only_when_logging(code_corpus, tmp_path):
+    """Groups: embedding, 2 blocks, final norm + head. With 2 micro-batches per step, FSDP2 would
+    gather each group for every forward and the embedding and first block again for every backward
+    (2 x (4 + 2) = 12 all-gathers); kept gathered for the step, each group is gathered once (4).
+    Gradients are reduce-scattered once per group and step. Other collectives (the loss for the
+    log, the agreement on SIGUSR1) happen only every 5th step. Both give the same losses."""
+    once, losses_once = count_collectives(tmp_path / "once", code_corpus, True)
+    twice, losses_twice = count_collectives(tmp_path / "per-micro-batch", code_corpus, False)
+    assert len(once) == len(twice) == 10
+    assert [s["all_gather"] for s in once] == [4] * 10
+    assert [s["all_gather"] for s in twice] == [12] * 10
+    assert [s["reduce_scatter"] for s in once] == [s["reduce_scatter"] for s in twice] == [4] * 10
+    others = [{k: v for k, v in s.items() if k not in ("all_gather", "reduce_scatter")} for s in once]
+    assert [i for i, s in enumerate(others) if s] == [4, 9]  # steps 5 and 10
+    assert sorted(losses_once) == sorted(losses_twice) == [4, 9]
+    for step in losses_once:
+        assert losses_once[step] == pytest.approx(losses_twice[step], rel=1e-6)
 
 
 def test_world_size_that_does_not_divide_the_global_batch(code_corpus, tmp_path):

@@ -1,0 +1,63 @@
+"""Runs `tinytrain fit` with every torch.distributed collective counted, per optimizer step.
+
+    python tests/count_collectives.py OUT.json fit --config ... --trainer.callbacks+=count_collectives.PerStep
+
+The real collectives run; each call is only counted on the way (nested calls count once). Lightning
+starts the other ranks by running this same script again, so every rank counts. Rank r writes
+OUT.json.r: {"steps": [{"all_gather": n, "reduce_scatter": n, "all_reduce": n, ...}, ...]}.
+"""
+
+import collections
+import json
+import sys
+import threading
+
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+KINDS = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather", "all_gather": "all_gather",
+         "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
+         "all_reduce": "all_reduce", "broadcast": "broadcast", "barrier": "barrier"}
+counts: collections.Counter = collections.Counter()
+_depth = threading.local()
+
+
+def _counted(name, fn):
+    def wrapper(*args, **kwargs):
+        outer = getattr(_depth, "n", 0) == 0
+        if outer:
+            counts[KINDS[name]] += 1
+        _depth.n = getattr(_depth, "n", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _depth.n -= 1
+    return wrapper
+
+
+for _name in KINDS:
+    if hasattr(dist, _name):
+        setattr(dist, _name, _counted(_name, getattr(dist, _name)))
+
+
+class PerStep(Callback):
+    """Records the collectives of each training step (batch start to batch end)."""
+
+    def __init__(self) -> None:
+        self.steps, self._start = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = collections.Counter(counts)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(dict(collections.Counter(counts) - self._start))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(f"{sys.argv[1]}.{trainer.global_rank}", "w") as f:
+            json.dump({"steps": self.steps}, f)
+
+
+if __name__ == "__main__":
+    from tinytrain.cli import main
+
+    main(sys.argv[2:])
