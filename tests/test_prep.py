@@ -321,3 +321,86 @@ def test_the_spec_in_data_prep_readme_parses(tmp_path):
     spec = parse_spec(["--config", str(tmp_path / "spec.yaml")])
     assert [s.name for s in spec.sources] == ["web", "books"]
     assert spec.sources[0].filters[0].keep == ["en"] and spec.sources[1].val_fraction == 0.01
+
+
+def _one_source_spec(tmp_path: Path, corpus, source_dir: Path, extra: str = "") -> Path:
+    _, _, tok = corpus
+    spec = tmp_path / "one.yaml"
+    spec.write_text(f"out: {tmp_path / 'out'}\ntokenizer: {tok.path}\nval_fraction: 0.05\n{extra}"
+                    f"sources:\n  - name: web\n    path: {source_dir}\n")
+    return spec
+
+
+def test_a_truncated_zst_file_is_reported_not_silently_shortened(corpus, tmp_path):
+    """The zstd stream reader ended quietly inside a truncated frame: 1,024 of 3,000 documents and no
+    report. A file that ends inside a frame is now a problem of that file, as a truncated .gz is."""
+    import zstandard
+
+    rng = random.Random(7)
+    data = b"".join(json.dumps({"text": _text(rng)}).encode() + b"\n" for _ in range(3000))
+    packed = zstandard.ZstdCompressor().compress(data)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "cut.jsonl.zst").write_bytes(packed[: len(packed) // 3])
+    (src / "cut.jsonl.gz").write_bytes(gzip.compress(data, mtime=0)[: len(packed) // 3])
+    run_tinytrain("prepare", "--config", _one_source_spec(tmp_path, corpus, src), cwd=tmp_path)
+    report = json.loads((tmp_path / "out" / "web" / "manifest.json").read_text())["report"]
+    problems = {p["file"]: p["error"] for p in report["files_with_problems"]}
+    assert set(problems) == {"cut.jsonl.zst", "cut.jsonl.gz"}
+    assert "ended inside a zstd frame" in problems["cut.jsonl.zst"] and "EOFError" in problems["cut.jsonl.gz"]
+    strict = run_tinytrain("prepare", "--config", _one_source_spec(tmp_path, corpus, src, "strict: true\n"),
+                           "--out", tmp_path / "strict", cwd=tmp_path, check=False)
+    assert strict.returncode == 1 and "cut.jsonl" in strict.stderr and "cannot be read" in strict.stderr
+    assert len(strict.stderr.strip().splitlines()[-1]) and "Traceback" not in strict.stderr
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(corpus, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(3)
+    lines = [json.dumps({"text": _text(rng)}) for _ in range(20)]
+    (src / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    run_tinytrain("prepare", "--config", _one_source_spec(tmp_path, corpus, src), cwd=tmp_path)
+    manifest = json.loads((tmp_path / "out" / "web" / "manifest.json").read_text())
+    assert manifest["report"]["malformed_json"] == 0 and manifest["report"]["documents"] == 20
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_workers_exit_when_their_parent_is_killed(corpus, tmp_path):
+    big = (tmp_path / "big", None, corpus[2])
+    write_mixed_corpus(big[0] / "corpus", seed=4, files=60, per_file=60)
+    spec = write_spec(big, tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec), "--workers", "2"],
+                            cwd=tmp_path, env={**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and len(workers) < 2:
+        workers = _children(proc.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the workers never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        for w in workers:  # reap: they are ours to wait for only if re-parented to us; poll /proc
+            try:
+                os.waitpid(w, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived their parent"

@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from tinytrain import shards
+from tinytrain.errors import TinyTrainError
 from tinytrain.corpus import is_validation
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
 
@@ -59,7 +61,7 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.zst": "jsonl", ".json.zs
 COUNTERS = ("documents", "malformed_json", "non_utf8", "missing_field", "empty", "filtered")
 
 
-class PrepError(ValueError):
+class PrepError(TinyTrainError, ValueError):
     """A spec, an input or an output folder that preparation cannot go on with."""
 
 
@@ -259,13 +261,50 @@ def _skip(report: FileReport, what: str, where: str, strict: bool) -> None:
     report.counts[what] += 1
 
 
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every frame of a .zst file, in order. A file that ends inside a
+    frame (truncated, or partly copied) raises EOFError at its end, as gzip does; zstandard's own
+    stream reader would end there without a word."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self.path, self.file = path, open(path, "rb")
+        self.context = zstandard.ZstdDecompressor()
+        self.frame = None
+        self.out, self.at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.out):
+            chunk = self.file.read(1 << 20)
+            if not chunk:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError(f"{self.path}: compressed file ended inside a zstd frame (truncated?)")
+                return 0
+            parts = []
+            while chunk:
+                if self.frame is None or self.frame.eof:  # a file may hold several frames, one after another
+                    self.frame = self.context.decompressobj()
+                parts.append(self.frame.decompress(chunk))
+                chunk = self.frame.unused_data if self.frame.eof else b""
+            self.out, self.at = b"".join(parts), 0
+        n = min(len(buffer), len(self.out) - self.at)
+        buffer[:n] = self.out[self.at:self.at + n]
+        self.at += n
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".zst"):
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
-        return io.BufferedReader(raw, buffer_size=1 << 20)
+        return io.BufferedReader(ZstdFrames(path), buffer_size=1 << 20)
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb", buffering=1 << 20)
@@ -274,6 +313,8 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 def jsonl_records(path: Path, report: FileReport, strict: bool) -> Iterator[tuple[int, Any]]:
     with _open_binary(path) as f:
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the JSON
             if not raw.strip():
                 continue
             try:
@@ -402,6 +443,15 @@ _PROGRESS = None  # a queue to the parent process, set in each worker
 def _init_worker(queue) -> None:
     global _PROGRESS
     _PROGRESS = queue
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tinytrain-orphan-check", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """A worker whose parent died (killed, out of memory) is re-parented: then it ends at once,
+    instead of waiting forever for work that will never come."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: bool,
