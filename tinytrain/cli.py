@@ -52,21 +52,14 @@ PREPARE_USAGE = """usage:
 
 
 def prepare_main(argv: list[str]) -> None:
-    from tinytrain.prep import PrepError
-    from tinytrain.shards import ShardError
-
-    try:
-        if argv and argv[0] == "tokenizer":
-            return prepare_tokenizer_main(argv[1:])
-        if "--verify" in argv:
-            return prepare_verify_main(argv)
-        if any(a == "--config" or a.startswith("--config=") for a in argv):
-            return prepare_spec_main(argv)
-        if any(a == "--corpus" or a.startswith("--corpus=") for a in argv):
-            return prepare_corpus_main(argv)
-    except (PrepError, ShardError, FileNotFoundError, FileExistsError) as e:
-        print(f"tinytrain prepare: error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    if argv and argv[0] == "tokenizer":
+        return prepare_tokenizer_main(argv[1:])
+    if "--verify" in argv:
+        return prepare_verify_main(argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return prepare_spec_main(argv)
+    if any(a == "--corpus" or a.startswith("--corpus=") for a in argv):
+        return prepare_corpus_main(argv)
     print(PREPARE_USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
     if argv and argv[0] not in ("-h", "--help"):
         raise SystemExit(2)
@@ -80,7 +73,7 @@ def parse_spec(argv: list[str], prog: str = "tinytrain prepare", description: st
 
     from tinytrain.prep import PrepSpec
 
-    parser = ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML spec (see data_prep/)")
     parser.add_class_arguments(PrepSpec, None, as_group=False)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
@@ -97,11 +90,11 @@ def prepare_spec_main(argv: list[str]) -> None:
 
 
 def prepare_verify_main(argv: list[str]) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
     from tinytrain.prep import prepared_folders, verify_folder
 
-    parser = argparse.ArgumentParser(prog="tinytrain prepare --verify")
+    parser = argument_parser(prog="tinytrain prepare --verify")
     parser.add_argument("--verify", required=True, help="a prepared folder, or a folder of them")
     args = parser.parse_args(argv)
     for folder in prepared_folders(Path(args.verify)):
@@ -109,11 +102,11 @@ def prepare_verify_main(argv: list[str]) -> None:
 
 
 def prepare_tokenizer_main(argv: list[str]) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
     from tinytrain.prep import train_spec_tokenizer
 
-    pre = argparse.ArgumentParser(prog="tinytrain prepare tokenizer", description=(
+    pre = argument_parser(prog="tinytrain prepare tokenizer", description=(
         "Train a sentencepiece BPE tokenizer (byte fallback, unk=0 bos=1 eos=2) on a sample of a spec's sources."))
     pre.add_argument("--config", required=True, help="the spec whose sources to sample")
     pre.add_argument("--out", required=True, help="the .model file to write (must not exist)")
@@ -131,11 +124,11 @@ def prepare_tokenizer_main(argv: list[str]) -> None:
 
 
 def prepare_corpus_main(argv: list[str]) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
     from tinytrain.corpus import prepare_text_folder
 
-    parser = argparse.ArgumentParser(
+    parser = argument_parser(
         prog="tinytrain prepare",
         description="Tokenize a folder of text files (.py .txt .md .rst) into shards + manifest for `fit --data.path`.")
     parser.add_argument("--corpus", required=True, help="folder of text files; each file is one document")
@@ -154,11 +147,11 @@ def prepare_corpus_main(argv: list[str]) -> None:
 
 
 def convert_main(argv: list[str]) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
     from tinytrain import hf
 
-    parser = argparse.ArgumentParser(prog="tinytrain convert",
+    parser = argument_parser(prog="tinytrain convert",
                                      description="Convert between Hugging Face Llama folders and tinytrain checkpoints.")
     sub = parser.add_subparsers(dest="direction", required=True)
     p_from = sub.add_parser("from-hf", help="HF LlamaForCausalLM folder -> tinytrain checkpoint folder")
@@ -170,22 +163,18 @@ def convert_main(argv: list[str]) -> None:
     p_to.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                       help="weights' dtype in the export (default: as trained)")
     args = parser.parse_args(argv)
-    try:
-        if args.direction == "from-hf":
-            print(hf.from_hf(args.hf_dir, args.out))
-        else:
-            print(hf.to_hf(args.checkpoint, args.out, args.dtype))
-    except (hf.HFFormatError, FileExistsError, FileNotFoundError) as e:
-        print(f"tinytrain convert: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    if args.direction == "from-hf":
+        print(hf.from_hf(args.hf_dir, args.out))
+    else:
+        print(hf.to_hf(args.checkpoint, args.out, args.dtype))
 
 
 def consolidate_main(argv: list[str]) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
     from tinytrain.checkpoint import consolidate
 
-    parser = argparse.ArgumentParser(prog="tinytrain consolidate",
+    parser = argument_parser(prog="tinytrain consolidate",
                                      description="Write a checkpoint's model weights (sharded or not) as one file.")
     parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, or a run folder")
     parser.add_argument("out", help="the output file (a torch.save'd state dict with HF Llama names)")
@@ -204,24 +193,52 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
-    if argv[0] == "generate":
+    command = argv[0]
+    try:
+        return _run(command, argv, from_command_line)
+    except Exception as e:
+        if os.environ.get("TINYTRAIN_DEBUG") or not isinstance(e, _expected()):
+            raise  # a bug: keep the traceback
+        # 2 for bad arguments (and, as before, for convert's inputs); 1 for everything else
+        code = 2 if type(e).__name__ == "ArgumentError" or command == "convert" else 1
+        print(f"tinytrain {command}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _expected() -> tuple[type, ...]:
+    """The errors printed as one line: a user's input, not a bug (imported only once one is raised)."""
+    from jsonargparse import ArgumentError
+
+    from tinytrain.errors import TinyTrainError
+
+    return (TinyTrainError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ArgumentError)
+
+
+def _run(command: str, argv: list[str], from_command_line: bool) -> None:
+    if command == "generate":
         from tinytrain.generate import main as generate_main
 
         return generate_main(argv[1:])
-    if argv[0] == "consolidate":
+    if command == "consolidate":
         return consolidate_main(argv[1:])
-    if argv[0] == "prepare":
+    if command == "prepare":
         return prepare_main(argv[1:])
-    if argv[0] == "convert":
+    if command == "convert":
         return convert_main(argv[1:])
-    if argv[0] == "plan":
+    if command == "plan":
         from tinytrain.plan import main as plan_main
 
         return plan_main(argv[1:])
     from tinytrain.fitcli import TinyTrainCLI
 
-    if argv[0] not in TinyTrainCLI.subcommands():
-        print(f"tinytrain: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+    if command not in TinyTrainCLI.subcommands():
+        print(f"tinytrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
 
     from tinytrain.checkpoint import ConfigSaver
@@ -238,6 +255,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         save_config_callback=ConfigSaver,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
     )
 
 

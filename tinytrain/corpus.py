@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from tinytrain import shards
+from tinytrain.errors import TinyTrainError
 from tinytrain.fsutil import atomic_folder
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
 
@@ -28,7 +29,7 @@ TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 _SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
-class CorpusError(ValueError):
+class CorpusError(TinyTrainError, ValueError):
     """A corpus folder that cannot be prepared."""
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from tinytrain.checkpoint import load_model_weights, resolve_checkpoint
+from tinytrain.errors import ConfigError
 from tinytrain.model import Llama, LlamaConfig
 from tinytrain.tokenizer import Tokenizer
 
@@ -60,7 +61,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
     """Prompt (B, T) followed by up to max_new_tokens sampled ids; stops early when every row hit EOS."""
     limit = model.config.max_position_embeddings
     if prompt.size(1) >= limit:
-        raise ValueError(f"prompt of {prompt.size(1)} tokens leaves no room under max_position_embeddings={limit}")
+        raise ConfigError(f"prompt of {prompt.size(1)} tokens leaves no room under max_position_embeddings={limit}")
     max_new_tokens = min(max_new_tokens, limit - prompt.size(1))
     tokens = prompt
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
@@ -89,9 +90,9 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
-    parser = argparse.ArgumentParser(prog="tinytrain generate", description="Continue a prompt with a trained model.")
+    parser = argument_parser(prog="tinytrain generate", description="Continue a prompt with a trained model.")
     parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, a run folder, or a HF Llama folder")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from BOS alone)")
     parser.add_argument("--max_new_tokens", type=int, default=200)
@@ -101,6 +102,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
+                         (args.temperature < 0, f"--temperature must be >= 0 (0 is greedy), got {args.temperature}"),
+                         (args.top_k < 0, f"--top_k must be >= 0 (0 disables it), got {args.top_k}"),
+                         (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")):
+        if bad:
+            parser.error(message)
 
     model, tok = load_checkpoint(args.checkpoint, device=args.device)
     ids = tok.encode(args.prompt, bos=True)

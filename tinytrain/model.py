@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tinytrain.errors import ConfigError, UnsupportedError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +74,7 @@ class LlamaConfig:
             if (self.hidden_size // self.num_attention_heads) % 2:
                 problems.append(f"head size {self.hidden_size // self.num_attention_heads} must be even for RoPE")
         if problems:
-            raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
+            raise ConfigError("invalid LlamaConfig: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +84,7 @@ class LlamaConfig:
     def from_name(cls, name: str, **overrides) -> "LlamaConfig":
         """A named preset (see ``PRESETS``), with optional field overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
@@ -286,12 +288,12 @@ class LlamaAttention(nn.Module):
     def set_backend(self, backend: str) -> None:
         """One of ATTENTION_BACKENDS (see Llama.set_attention_backend)."""
         if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
+            raise ConfigError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
         self.backend = backend
         # Resolved here, not per call: the compiled forward then only reads attributes.
         self.flash_fn = _flash_attn_func() if backend in ("auto", "flash-attn") else None
         if backend == "flash-attn" and self.flash_fn is None:
-            raise RuntimeError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable "
+            raise UnsupportedError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable "
                                "(pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
         self.sdpa_kernels = [SDPA_KERNELS[backend]] if backend in SDPA_KERNELS else None
 
@@ -323,7 +325,7 @@ class LlamaAttention(nn.Module):
             return False
         if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             if self.backend == "flash-attn":
-                raise RuntimeError(f"attention backend 'flash-attn' needs CUDA tensors in bf16 or fp16, got "
+                raise UnsupportedError(f"attention backend 'flash-attn' needs CUDA tensors in bf16 or fp16, got "
                                    f"{q.device.type} {q.dtype}; use 'sdpa' or 'auto'")
             return False
         return True
@@ -337,7 +339,7 @@ class LlamaAttention(nn.Module):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             if self.backend in _CUDA_SDPA_KERNELS:
                 if not q.is_cuda:
-                    raise RuntimeError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} "
+                    raise UnsupportedError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} "
                                        "use 'sdpa', 'sdpa-flash' or 'sdpa-math'")
                 if gqa:  # give each query head its own copy of its K and V
                     rep = self.n_head // self.n_kv
@@ -441,7 +443,7 @@ class Llama(nn.Module):
         """
         T = idx.size(1)
         if pos + T > self.config.max_position_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence of {pos + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]

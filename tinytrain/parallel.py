@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from tinytrain.errors import UnsupportedError
 from tinytrain.model import Llama
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,12 @@ def apply_float8(model: Llama, device: Optional[torch.device] = None) -> int:
     tensorwise scaling). Needs a GPU of compute capability 8.9 or newer (H100, L4, RTX 4090);
     also runs, slowly, on CPU. Returns the number of layers converted."""
     if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(f"model.float8 needs a GPU of compute capability 8.9 or newer (Hopper, Ada); "
+        raise UnsupportedError(f"model.float8 needs a GPU of compute capability 8.9 or newer (Hopper, Ada); "
                            f"{torch.cuda.get_device_name(device)} is {torch.cuda.get_device_capability(device)}")
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError as e:
-        raise RuntimeError("model.float8 needs the torchao package: pip install 'tinytrain[float8]'") from e
+        raise UnsupportedError("model.float8 needs the torchao package: pip install 'tinytrain[float8]'") from e
     convert_to_float8_training(model, module_filter_fn=_float8_eligible)
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     log.info("float8 matmuls in %d linear layers (experimental)", converted)

@@ -336,9 +336,9 @@ def report(s: Setup, gpu_memory_gib: float, reserve_gib: float, notes: list[str]
 
 
 def main(argv: list[str]) -> None:
-    import argparse
+    from tinytrain.errors import argument_parser
 
-    parser = argparse.ArgumentParser(
+    parser = argument_parser(
         prog="tinytrain plan", description="Memory per GPU of a recipe's training step, before the job is queued.",
         epilog="Every other argument is a recipe override, as for `tinytrain fit` (e.g. --data.micro_batch_size 16).")
     parser.add_argument("--config", required=True, help="the recipe")

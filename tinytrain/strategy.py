@@ -6,6 +6,8 @@ from typing import Optional
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
+from tinytrain.errors import ConfigError
+
 
 class FSDP2(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy with every process in one data-parallel (FSDP) group.
@@ -37,9 +39,9 @@ class FSDP2(ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend)
         if shard_group_size is not None and shard_group_size <= 0:
-            raise ValueError(f"trainer.strategy.shard_group_size must be positive, got {shard_group_size}")
+            raise ConfigError(f"trainer.strategy.shard_group_size must be positive, got {shard_group_size}")
         if shard_group_size is not None and not hybrid:
-            raise ValueError("trainer.strategy.shard_group_size is only used with trainer.strategy.hybrid: true")
+            raise ConfigError("trainer.strategy.shard_group_size is only used with trainer.strategy.hybrid: true")
         self.gather_once_per_step, self.hybrid, self.shard_group_size = gather_once_per_step, hybrid, shard_group_size
         self.fsdp_mesh = None
 
@@ -57,7 +59,7 @@ class FSDP2(ModelParallelStrategy):
         world = self.num_nodes * self.num_processes
         size = self.shard_group_size or self.num_processes
         if world % size:
-            raise ValueError(f"trainer.strategy.shard_group_size={size} does not divide the world size {world} "
+            raise ConfigError(f"trainer.strategy.shard_group_size={size} does not divide the world size {world} "
                              f"({self.num_nodes} nodes x {self.num_processes} processes)")
         return init_device_mesh(self.root_device.type, (world // size, size), mesh_dim_names=("replicate", "shard"))
 

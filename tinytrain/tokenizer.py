@@ -10,6 +10,8 @@ from typing import Iterable, Optional
 
 import sentencepiece as spm
 
+from tinytrain.errors import ConfigError
+
 # Llama's special ids.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -24,7 +26,7 @@ class Tokenizer:
         try:
             self.processor.LoadFromSerializedProto(self.proto)
         except Exception as e:
-            raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from e
+            raise ConfigError(f"{self.path}: not a sentencepiece model ({e})") from e
         self.sha256 = hashlib.sha256(self.proto).hexdigest()
 
     @property
@@ -63,7 +65,7 @@ def train_tokenizer(
     """Train a BPE tokenizer in the style of Llama-2's: byte fallback, digits split, whitespace kept
     (so code indentation survives a round trip), unk=0, bos=1, eos=2, no pad id."""
     if vocab_size < 260:
-        raise ValueError(f"tokenizer vocab_size must be at least 260 (256 byte pieces + specials), got {vocab_size}")
+        raise ConfigError(f"tokenizer vocab_size must be at least 260 (256 byte pieces + specials), got {vocab_size}")
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
