@@ -116,3 +116,50 @@ def test_disk_full_during_a_save(small_disk, code_corpus, tmp_path):
     assert damage(small_disk / "step-00000010") is None
     weights = load_model_weights(small_disk / "step-00000010")
     assert sum(v.numel() for v in weights.values()) == 158_016 and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_saved_again(four_checkpoints, code_corpus, tmp_path):
+    """step-40 truncated: the run resumes from step 30, renames the damaged folder out of the way
+    (keeping it), saves a new step-40 that loads, points `last` at it, and pruning keeps it."""
+    cwd = tmp_path / "copy"
+    shutil.copytree(four_checkpoints, cwd, symlinks=True)
+    ckpts = cwd / "runs" / "ci" / "checkpoints"
+    state = ckpts / "step-00000040" / "state.ckpt"
+    with open(state, "r+b") as f:
+        f.truncate(100_000)
+    proc = run_tinytrain(*ci_args(code_corpus, "--checkpoint.every_n_steps", "10", "--checkpoint.keep_last", "1"),
+                         cwd=cwd)
+    assert "set aside damaged checkpoint" in proc.stderr and "step-00000030" in proc.stderr.split("resuming from")[1]
+    (aside,) = ckpts.glob("step-00000040.damaged-*")
+    assert (aside / "state.ckpt").stat().st_size == 100_000  # kept as it was, for inspection
+    assert os.readlink(ckpts / "last") == "step-00000040" and damage(ckpts / "step-00000040") is None
+    assert sum(v.numel() for v in load_model_weights(ckpts / "last").values()) == 158_016
+    assert sorted(p.name for p in ckpts.glob("step-*") if not p.name.startswith("step-00000040.")) == ["step-00000040"]
+
+
+def test_commands_name_a_truncated_checkpoint_and_fall_back_for_a_run_folder(four_checkpoints, tmp_path):
+    cwd = tmp_path / "copy"
+    shutil.copytree(four_checkpoints, cwd, symlinks=True)
+    run = cwd / "runs" / "ci"
+    state = run / "checkpoints" / "step-00000040" / "state.ckpt"
+    with open(state, "r+b") as f:
+        f.truncate(1_000_000)
+    for args in (["generate", run / "checkpoints" / "step-00000040", "--max_new_tokens", "2"],
+                 ["convert", "to-hf", run / "checkpoints" / "step-00000040", cwd / "hf"],
+                 ["consolidate", run / "checkpoints" / "step-00000040", cwd / "w.pt"]):
+        proc = run_tinytrain(*args, cwd=cwd, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"tinytrain {args[0]}: error: ") and "step-00000040: damaged checkpoint: " \
+            "state.ckpt has 1000000 bytes" in line, line
+    proc = run_tinytrain("generate", run, "--max_new_tokens", "2", cwd=cwd)  # the run folder: newest intact
+    assert "using the newest intact checkpoint, step-00000030" in proc.stderr
+    out = cwd / "w.pt"
+    run_tinytrain("consolidate", run / "checkpoints" / "last", out, cwd=cwd)
+    assert sum(v.numel() for v in torch.load(out, weights_only=True).values()) == 158_016
+    # A checkpoint with no size record (as older tinytrain wrote) is still named when torch cannot read it.
+    meta = json.loads((state.parent / "meta.json").read_text())
+    meta.pop("files")
+    (state.parent / "meta.json").write_text(json.dumps(meta))
+    proc = run_tinytrain("consolidate", state.parent, cwd / "x.pt", cwd=cwd, check=False)
+    assert proc.returncode == 1 and f"{state}: unreadable, damaged or truncated" in proc.stderr

@@ -262,3 +262,53 @@ def test_cpu_peak_measured_under_load_is_measured_again():
     assert lit._mfu_peak(achieved_flops=1e3) == peak  # no new measurement below the peak
     lit._peak, lit._peak_measured = 1e6, False  # a given or datasheet peak is never replaced
     assert lit._mfu_peak(achieved_flops=5e6) == 1e6
+
+
+def test_resume_refuses_a_different_data_stream(trained, code_corpus, tmp_path):
+    import shutil
+
+    cwd, run, _ = trained
+    work = tmp_path / "copy"
+    shutil.copytree(cwd, work, symlinks=True)
+    before = tree_digest(work / "runs" / "ci" / "checkpoints")
+    for extra, expected in ((["--data.seq_len", "32"], "data.seq_len: checkpoint 64, recipe 32"),
+                            (["--data.seed", "1"], "data.seed: checkpoint 3407, recipe 1"),
+                            (["--data.global_batch_size", "32"], "data.global_batch_size is 32, the checkpoint's is 16")):
+        proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "60", *extra), cwd=work, check=False)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("tinytrain fit: error: ") and expected in line, line
+    assert "--data.resize_global_batch true" in line
+    assert tree_digest(work / "runs" / "ci" / "checkpoints") == before
+
+
+def test_a_larger_global_batch_continues_where_the_stream_stopped(trained, code_corpus, tmp_path):
+    """16 sequences per step for 40 steps, then 32 for 10: the second run reads samples 640..959,
+    every one once, and counts its tokens so."""
+    import shutil
+
+    import numpy as np
+
+    from tinytrain.data import TokenData
+
+    cwd, _, _ = trained
+    work = tmp_path / "copy"
+    shutil.copytree(cwd, work, symlinks=True)
+    run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "50", "--data.global_batch_size", "32",
+                           "--data.resize_global_batch", "true", "--checkpoint.every_n_steps", "10"), cwd=work)
+    last = work / "runs" / "ci" / "checkpoints" / "last"
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["step"] == 50 and meta["tokens"] == (40 * 16 + 10 * 32) * 64
+    state = torch.load(last / "state.ckpt", weights_only=False)["TokenData"]
+    assert (state["step"], state["samples_seen"], state["global_batch_size"]) == (50, 960, 32)
+    # The stream state the run saved, loaded into a fresh data module: steps 40..49 are samples 640..959.
+    dm = TokenData(corpus=str(code_corpus), cache_dir=str(work / "cache"), vocab_size=512, seq_len=64,
+                   global_batch_size=32, micro_batch_size=8, val_fraction=0.1, resize_global_batch=True)
+    dm.open()
+    at_40 = torch.load(work / "runs" / "ci" / "checkpoints" / "step-00000040" / "state.ckpt",
+                       weights_only=False)["TokenData"]
+    dm.load_state_dict(at_40)
+    read = torch.cat([b.reshape(-1, 65) for b in dm.train_dataset(40, 50)]).long()
+    assert torch.equal(read, torch.from_numpy(dm.order.gather(np.arange(640, 960))))
+    rows = metric_rows(work / "runs" / "ci")
+    assert dict(series(rows, "train/tokens"))[49] == (40 * 16 + 10 * 32) * 64

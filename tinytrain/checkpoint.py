@@ -37,10 +37,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
 from tinytrain import preemption
+from tinytrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 STATE = "state.ckpt"
+WEIGHTS = "model.safetensors"  # converted weights (tinytrain convert from-hf)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -57,8 +59,9 @@ def step_dirs(folder: Path) -> list[tuple[int, Path]]:
 
 
 def damage(path: Path) -> Optional[str]:
-    """Why a checkpoint folder cannot be resumed from, or None if it looks complete: meta.json must
-    parse, and every file it lists must exist with the size it had when saved."""
+    """Why a checkpoint folder cannot be loaded, or None if it looks complete: meta.json must parse,
+    the weights must be there (a training state, or converted weights), and every file meta.json
+    lists must exist with the size it had when saved."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         return "no meta.json"
@@ -66,7 +69,7 @@ def damage(path: Path) -> Optional[str]:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return f"unreadable meta.json ({e})"
-    if not (path / STATE).exists():
+    if not (path / STATE).exists() and not (path / WEIGHTS).is_file():
         return f"no {STATE}"
     for name, size in meta.get("files", {}).items():
         f = path / name
@@ -88,18 +91,31 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: os.PathLike | str) -> Path:
-    """A checkpoint folder from what a user may pass: the folder itself, ``last``, a run folder, or
-    its checkpoints folder."""
+    """A checkpoint folder from what a user may pass: a step folder (or a converted one), ``last``,
+    a run folder, or its checkpoints folder. A step folder named explicitly must be intact (the
+    error names the damaged file); for ``last`` or a run folder, a damaged newest checkpoint gives
+    way to the newest intact one, with a warning."""
     p = Path(path).expanduser()
-    for candidate in (p, p / "last", p / "checkpoints" / "last"):
-        if (candidate / "meta.json").is_file():
-            return candidate.resolve()
+    if p.name != "last" and (p / "meta.json").is_file():
+        problem = damage(p)
+        if problem is not None:
+            raise CheckpointError(f"{p}: damaged checkpoint: {problem}")
+        return p.resolve()
     if (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} is a Hugging Face folder; convert it first: tinytrain convert from-hf {p} OUT")
+        raise CheckpointError(f"{p} is a Hugging Face folder; convert it first: tinytrain convert from-hf {p} OUT")
+    for last in (p, p / "last", p / "checkpoints" / "last"):
+        if last.name == "last" and (last.is_symlink() or last.exists()):
+            if last.exists() and damage(last) is None:
+                return last.resolve()
+            found = latest_checkpoint(last.parent)
+            if found is not None:
+                log.warning("%s -> %s is damaged or missing (%s); using the newest intact checkpoint, %s", last,
+                            os.readlink(last) if last.is_symlink() else last, damage(last), found.name)
+                return found.resolve()
     for folder in (p, p / "checkpoints"):
         found = latest_checkpoint(folder)
         if found is not None:
-            return found
+            return found.resolve()
     raise FileNotFoundError(f"{p}: no tinytrain checkpoint there (expected a folder with meta.json and {STATE})")
 
 
@@ -153,15 +169,16 @@ class Checkpointing(Callback):
                 the warning must cover this many steps plus a save. One process checks every step.
         """
         if every_n_steps <= 0:
-            raise ValueError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
+            raise ConfigError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
         if keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
+            raise ConfigError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
         if signal_check_every_n_steps <= 0:
-            raise ValueError(f"checkpoint.signal_check_every_n_steps must be positive, got {signal_check_every_n_steps}")
+            raise ConfigError(f"checkpoint.signal_check_every_n_steps must be positive, got {signal_check_every_n_steps}")
         self.dirpath = Path(dirpath).expanduser() if dirpath else None
         self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
         self.save_on_signal, self.signal_check_every_n_steps = save_on_signal, signal_check_every_n_steps
         self._last_saved_step: Optional[int] = None
+        self.lock = None  # the run folder's lock, held by global rank 0 (set by `tinytrain fit`)
 
     def folder(self, trainer: L.Trainer) -> Path:
         return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
@@ -223,6 +240,8 @@ class Checkpointing(Callback):
             return final
         tmp = folder / f".tmp-step-{step:08d}"
         if trainer.is_global_zero:
+            if self.lock is not None:
+                self.lock.check()  # never write into a run folder another process has taken over
             folder.mkdir(parents=True, exist_ok=True)
             for stale in folder.glob(".tmp-step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -238,7 +257,7 @@ class Checkpointing(Callback):
                 shutil.rmtree(tmp, ignore_errors=True)
             last = folder / "last"
             previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
-            raise RuntimeError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
+            raise CheckpointError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
         if trainer.is_global_zero:
             if final.exists():  # damaged (checked above): kept aside, never deleted
                 set_aside(final, damage(final) or "replaced")
@@ -263,10 +282,9 @@ class Checkpointing(Callback):
         tokenizer = getattr(dm, "tokenizer_path", None) if dm is not None else None
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, folder / "tokenizer.model")
-        tokens_per_step = getattr(dm, "global_batch_size", 0) * getattr(dm, "seq_len", 0)
         meta = {
             "step": step,
-            "tokens": step * tokens_per_step,
+            "tokens": dm.tokens_trained(step) if hasattr(dm, "tokens_trained") else None,
             "global_batch_size": getattr(dm, "global_batch_size", None),
             "seq_len": getattr(dm, "seq_len", None),
             "world_size": trainer.world_size,
@@ -357,13 +375,19 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
     (model.safetensors), a single Lightning state file, or a state sharded by several ranks.
     Needs no GPU and no process group, and reads no optimizer state."""
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
+    if (folder / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(folder / "model.safetensors"))
+        try:
+            return load_file(str(folder / WEIGHTS))
+        except Exception as e:  # safetensors' own error types differ by version
+            raise CheckpointError(f"{folder / WEIGHTS}: unreadable ({e})") from e
     state_path = folder / STATE
     if state_path.is_file():
-        ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, EOFError, OSError) as e:  # "PytorchStreamReader failed reading zip archive", ...
+            raise CheckpointError(f"{state_path}: unreadable, damaged or truncated ({e})") from e
         return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state_path.is_dir():
         raise FileNotFoundError(f"{state_path}: no checkpoint state there")
@@ -373,7 +397,7 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
     try:
         metadata = dcp.FileSystemReader(str(state_path)).read_metadata()
     except Exception as e:
-        raise ValueError(f"{state_path}: unreadable sharded checkpoint ({e})") from e
+        raise CheckpointError(f"{state_path}: unreadable sharded checkpoint ({e})") from e
     prefix = "state_dict.model."
     weights = {
         key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -381,7 +405,7 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
         if key.startswith(prefix) and hasattr(meta, "size")
     }
     if not weights:
-        raise ValueError(f"{state_path}: sharded checkpoint holds no model weights (no '{prefix}*' keys)")
+        raise CheckpointError(f"{state_path}: sharded checkpoint holds no model weights (no '{prefix}*' keys)")
     wrapped = {"state_dict": {"model." + k: v for k, v in weights.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tinytrain import corpus as corpus_mod
 from tinytrain import shards
+from tinytrain.errors import ConfigError
 from tinytrain.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,19 @@ def sample_blocks(samples: np.ndarray, n_blocks: int, seed: int) -> np.ndarray:
     return out
 
 
-def rank_samples(step: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
-    """Global sample ids that rank ``rank`` reads at optimizer step ``step``."""
+def rank_samples(step: int, global_batch: int, rank: int, world_size: int,
+                 origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Global sample ids that rank ``rank`` reads at optimizer step ``step``, when step
+    ``origin[0]`` starts at global sample ``origin[1]`` (where the stream was when the global
+    batch took its current size)."""
     per_rank = global_batch // world_size
-    start = step * global_batch + rank * per_rank
+    start = origin[1] + (step - origin[0]) * global_batch + rank * per_rank
     return np.arange(start, start + per_rank, dtype=np.int64)
 
 
 def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
     if global_batch % (micro_batch * world_size):
-        raise ValueError(
+        raise ConfigError(
             f"data.global_batch_size={global_batch} is not divisible by data.micro_batch_size={micro_batch} "
             f"x world size {world_size} = {micro_batch * world_size}; choose a micro batch or number of "
             "devices that divides the global batch"
@@ -149,14 +153,14 @@ class Mixture:
     def __init__(self, weights: list[float], period: int = MIXTURE_PERIOD) -> None:
         w = np.asarray(weights, dtype=np.float64)
         if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
-            raise ValueError(f"mixture weights must be positive numbers, got {list(weights)}")
+            raise ConfigError(f"mixture weights must be positive numbers, got {list(weights)}")
         period = 1 if len(w) == 1 else period
         ideal = w / w.sum() * period
         quotas = np.floor(ideal).astype(np.int64)
         short = period - int(quotas.sum())
         quotas[np.argsort(-(ideal - quotas), kind="stable")[:short]] += 1
         if np.any(quotas == 0):
-            raise ValueError(f"mixture weight {w[quotas == 0][0]} is below 1/{period} of the total {w.sum()}")
+            raise ConfigError(f"mixture weight {w[quotas == 0][0]} is below 1/{period} of the total {w.sum()}")
         source = np.repeat(np.arange(len(w)), quotas)
         rank = np.concatenate([np.arange(q) for q in quotas])
         order = np.lexsort((source, (rank + 0.5) / quotas[source]))
@@ -220,6 +224,19 @@ class SampleOrder:
         return self.mixture.drawn(samples) / np.array([len(b) for b in self.blocks], dtype=np.float64)
 
 
+def _differences(saved: dict, now: dict, prefix: str) -> list[str]:
+    """'key: checkpoint X, recipe Y' for every field of ``now`` that differs from ``saved``."""
+    out = []
+    for key in now:
+        a, b = saved.get(key), now[key]
+        if key == "sources" and isinstance(a, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                out += _differences(x, y, f"{prefix}sources[{i}].")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, recipe {b!r}")
+    return out
+
+
 def transit_dtype(vocab_size: Optional[int]) -> np.dtype:
     """The integer type token ids travel in from the loader to the device: int16 when the
     vocabulary fits (TinyLlama's 32,000 does), else int32; a quarter or half of int64's bytes in
@@ -249,16 +266,17 @@ class TrainSteps(IterableDataset):
     """
 
     def __init__(self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int,
-                 world_size: int, start_step: int, stop_step: Optional[int], vocab_size: Optional[int] = None) -> None:
+                 world_size: int, start_step: int, stop_step: Optional[int], vocab_size: Optional[int] = None,
+                 origin: tuple[int, int] = (0, 0)) -> None:
         self.order = order
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.accum = grad_accumulation(global_batch, micro_batch, world_size)
         self.start_step, self.stop_step = start_step, stop_step
-        self.vocab_size = vocab_size
+        self.vocab_size, self.origin = vocab_size, origin
 
     def step_batch(self, step: int) -> torch.Tensor:
-        samples = rank_samples(step, self.global_batch, self.rank, self.world_size)
+        samples = rank_samples(step, self.global_batch, self.rank, self.world_size, self.origin)
         tokens = self.order.gather(samples, transit_dtype(self.vocab_size))
         check_ids(tokens, self.vocab_size, lambda row, col: self.order.file_of(int(samples[row]), col),
                   lambda row: self.order.gather(samples[row:row + 1])[0])
@@ -322,6 +340,7 @@ class TokenData(L.LightningDataModule):
         verify: str = "header",
         num_workers: int = 1,
         step_offset: int = 0,
+        resize_global_batch: bool = False,
     ) -> None:
         """Token shards for training and validation: one prepared folder, or a weighted mixture.
 
@@ -350,19 +369,22 @@ class TokenData(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             step_offset: Optimizer step s reads global batch s + step_offset of the sample order:
                 where in the data stream a run (e.g. continued pretraining) starts.
+            resize_global_batch: On resume, accept a global_batch_size other than the checkpoint's:
+                the stream goes on from the sample where it stopped, in batches of the new size, so
+                nothing is skipped or read twice. Otherwise a change is refused.
         """
         super().__init__()
         if path == "???":
-            raise ValueError("data.path is required by this recipe: pass --data.path with a prepared data folder "
+            raise ConfigError("data.path is required by this recipe: pass --data.path with a prepared data folder "
                              "(made by `tinytrain prepare`)")
         self.path = Path(path).expanduser() if path else None
         self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in (sources or [])]
         for i, src in enumerate(self.sources):
             if not src.weight > 0 or not math.isfinite(src.weight):
-                raise ValueError(f"data.sources[{i}].weight must be a positive number, got {src.weight}")
+                raise ConfigError(f"data.sources[{i}].weight must be a positive number, got {src.weight}")
         names = [self._source_name(s) for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"data.sources have repeated names {names}; give each a distinct name")
+            raise ConfigError(f"data.sources have repeated names {names}; give each a distinct name")
         self.corpus = Path(corpus).expanduser() if corpus else None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else corpus_mod.default_cache_dir()
         self.tokenizer_file = Path(tokenizer).expanduser() if tokenizer else None
@@ -371,13 +393,16 @@ class TokenData(L.LightningDataModule):
         self.seed, self.val_batches, self.val_fraction = seed, val_batches, val_fraction
         self.verify, self.num_workers = verify, num_workers
         if step_offset < 0:
-            raise ValueError(f"data.step_offset must be >= 0, got {step_offset}")
-        self.step_offset = step_offset
+            raise ConfigError(f"data.step_offset must be >= 0, got {step_offset}")
+        self.step_offset, self.resize_global_batch = step_offset, resize_global_batch
+        # Step origin[0] reads global sample origin[1]: moved on resume when the global batch changes.
+        self.origin = (0, step_offset * global_batch_size)
+        self.first_sample = self.origin[1]
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if verify not in ("header", "full"):
-            raise ValueError(f"data.verify must be 'header' or 'full', got {verify!r}")
+            raise ConfigError(f"data.verify must be 'header' or 'full', got {verify!r}")
         self.folders: list[Path] = []
         self.names: list[str] = []
         self.order: Optional[SampleOrder] = None
@@ -452,8 +477,13 @@ class TokenData(L.LightningDataModule):
             train_sets.append(train)
             val_sets.append(val)
             val_batches.append(fit)
+        for val, n in zip(val_sets, val_batches):  # the validation blocks every validation reads, checked now
+            for rank in range(world_size):
+                for _ in ValBatches(val, n, self.micro_batch_size, rank, world_size, self.vocab_size):
+                    pass
         weights = [s.weight for s in self.sources] if self.sources else None
         self.order = SampleOrder(train_sets, self.seed, weights)
+        self.fingerprints = [shards.split_fingerprint(folder, "train") for folder in folders]
         self.folders, self.names, self.val_sets, self.val_batches_per_source = folders, names, val_sets, val_batches
         if self._is_rank_zero():
             for name, folder, train, w, vb in zip(names, folders, train_sets, self.order.mixture.weights, val_batches):
@@ -461,11 +491,52 @@ class TokenData(L.LightningDataModule):
                          "%d validation batches", name, folder, w, len(train), self.seq_len + 1,
                          1000 * self.global_batch_size * w / len(train), vb)
 
+    def samples_before(self, step: int) -> int:
+        """The global sample that optimizer step ``step`` starts at."""
+        return self.origin[1] + (step - self.origin[0]) * self.global_batch_size
+
+    def tokens_trained(self, steps: int) -> int:
+        """Tokens the first ``steps`` optimizer steps of this run trained on (every global batch size it had)."""
+        return (self.samples_before(steps) - self.first_sample) * self.seq_len
+
     def epochs_completed(self, steps: int) -> dict[str, float]:
         """Epochs of each source read by the first ``steps`` optimizer steps (fractional), with step_offset."""
         assert self.order is not None, "setup() first"
-        epochs = self.order.epochs((steps + self.step_offset) * self.global_batch_size)
+        epochs = self.order.epochs(self.samples_before(steps))
         return dict(zip(self.names, epochs.tolist()))
+
+    # --- the stream's identity, kept in every checkpoint ---------------------------------------
+
+    def stream(self) -> dict:
+        """What defines the sequence of samples: a resume must continue exactly this (or refuse)."""
+        assert self.order is not None, "setup() first"
+        return {"seq_len": self.seq_len, "seed": self.seed, "step_offset": self.step_offset,
+                "sources": [{"name": name, "weight": float(w), "train_blocks": len(blocks), "shards": fingerprint}
+                            for name, w, blocks, fingerprint in zip(self.names, self.order.mixture.weights,
+                                                                    self.order.blocks, self.fingerprints)]}
+
+    def state_dict(self) -> dict:
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return {"stream": self.stream(), "global_batch_size": self.global_batch_size, "step": step,
+                "samples_seen": self.samples_before(step), "first_sample": self.first_sample}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, now = state["stream"], self.stream()
+        changed = _differences(saved, now, "data.")
+        if changed:
+            raise ConfigError(
+                "resuming would change the run's data stream: " + "; ".join(changed) + ". Resume with the "
+                "recipe's original data settings, or start a new run (a new --trainer.default_root_dir, with "
+                "--model.init_from and --data.step_offset to choose where in the data it starts)")
+        if state["global_batch_size"] != self.global_batch_size and not self.resize_global_batch:
+            raise ConfigError(
+                f"data.global_batch_size is {self.global_batch_size}, the checkpoint's is "
+                f"{state['global_batch_size']}: to go on with the new size from step {state['step']} (sample "
+                f"{state['samples_seen']:,}), nothing skipped or repeated, pass --data.resize_global_batch true")
+        if state["global_batch_size"] != self.global_batch_size and self._is_rank_zero():
+            log.info("global batch %d -> %d at step %d (sample %d)", state["global_batch_size"],
+                     self.global_batch_size, state["step"], state["samples_seen"])
+        self.origin, self.first_sample = (state["step"], state["samples_seen"]), state["first_sample"]
 
     def _is_rank_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -482,12 +553,12 @@ class TokenData(L.LightningDataModule):
     def train_dataset(self, start_step: int, stop_step: Optional[int]) -> TrainSteps:
         rank, world = self._rank()
         return TrainSteps(self.order, self.global_batch_size, self.micro_batch_size, rank, world, start_step,
-                          stop_step, vocab_size=self.vocab_size)
+                          stop_step, vocab_size=self.vocab_size, origin=self.origin)
 
     def train_dataloader(self) -> DataLoader:
-        # The trainer has restored the step from the checkpoint (if any) before asking for this.
-        start = (self.trainer.global_step if self.trainer else 0) + self.step_offset
-        stop = self.trainer.max_steps + self.step_offset if self.trainer and self.trainer.max_steps >= 0 else None
+        # The trainer has restored the step (and the stream's origin) from the checkpoint before asking for this.
+        start = self.trainer.global_step if self.trainer else 0
+        stop = self.trainer.max_steps if self.trainer and self.trainer.max_steps >= 0 else None
         return self._loader(self.train_dataset(start, stop))
 
     def val_dataloader(self):

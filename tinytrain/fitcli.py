@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 
 from tinytrain.checkpoint import (STATE, Checkpointing, damage, latest_checkpoint, point_last, resolve_checkpoint,
                                   set_aside, step_dirs)
+from tinytrain.runlock import RunLock
 
 log = logging.getLogger("tinytrain")
 
@@ -40,14 +43,19 @@ class TinyTrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         fit_config = self.config_init[self.subcommand]
+        ckpt_cb = self._checkpointing()
+        folder = ckpt_cb.folder(self.trainer)
+        rank_zero = rank_zero_only.rank == 0  # from the environment: the strategy has not set ranks up yet
+        if rank_zero:  # before anything in the run folder is read or changed: one writer per run folder
+            ckpt_cb.lock = RunLock(folder)
+            ckpt_cb.lock.acquire()
+            atexit.register(ckpt_cb.lock.release)
         if fit_config.get("ckpt_path") is not None:
             fit_config["ckpt_path"] = checkpoint_state_path(fit_config["ckpt_path"])
         else:
-            ckpt_cb = self._checkpointing()
-            folder = ckpt_cb.folder(self.trainer)
             found = latest_checkpoint(folder) if ckpt_cb.resume else None
             if found is not None:
-                if self.trainer.is_global_zero:
+                if rank_zero:
                     log.info("resuming from %s", found)
                     self._set_aside_damaged(folder, found)
                 fit_config["ckpt_path"] = str(found / STATE)
@@ -66,6 +74,11 @@ class TinyTrainCLI(LightningCLI):
         last = folder / "last"
         if last.is_symlink() and not last.exists():
             point_last(folder, resumed)
+
+    def after_fit(self) -> None:
+        lock = getattr(self._checkpointing(), "lock", None)
+        if lock is not None:
+            lock.release()
 
     def before_validate(self) -> None:
         config = self.config_init[self.subcommand]

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from tinytrain.errors import ConfigError, TinyTrainError
 from tinytrain.fsutil import atomic_folder
 from tinytrain.model import LlamaConfig
 from tinytrain.tokenizer import Tokenizer
@@ -34,7 +35,7 @@ _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class HFFormatError(ValueError):
+class HFFormatError(TinyTrainError, ValueError):
     """A Hugging Face folder tinytrain cannot read faithfully."""
 
 
@@ -207,6 +208,9 @@ class TensorSource:
                      if st_index.is_file() else None)
             if files is None:
                 files = {name: st for name in _safetensors_names(st)}
+            else:
+                for part in sorted(set(files.values())):
+                    _safetensors_names(part)
             source = cls(files, "safetensors")
         elif bin_.is_file() or bin_index.is_file():
             files = ({k: folder / v for k, v in json.loads(bin_index.read_text())["weight_map"].items()}
@@ -244,9 +248,20 @@ class TensorSource:
 
 
 def _safetensors_names(path: Path) -> list[str]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """The tensor names of a safetensors file, after checking that the file holds every byte its
+    header promises (a truncated download or copy is named here, not deep inside a load)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (struct.error, ValueError) as e:
+        raise HFFormatError(f"{path}: not a safetensors file ({e})") from e
+    if header is None:
+        raise HFFormatError(f"{path}: truncated: {size} bytes, shorter than its {n}-byte header")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise HFFormatError(f"{path}: truncated: its header lists {8 + n + end} bytes, the file has {size}")
     return [k for k in header if k != "__metadata__"]
 
 
@@ -317,6 +332,8 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
             "step": 0, "source": {"format": "huggingface", "path": str(hf_dir.resolve()),
                                   "torch_dtype": hf_config.get("torch_dtype", hf_config.get("dtype"))},
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # every file with its size, so a truncated copy of this folder is recognised
+            "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
         }, indent=2) + "\n")
     return out
 
@@ -335,7 +352,7 @@ def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
     tok = Tokenizer(folder / "tokenizer.model")
     weights = load_model_weights(folder)
     if dtype is not None and dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
     target = _DTYPE_NAMES[dtype] if dtype else next(iter(weights.values())).dtype
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in weights]

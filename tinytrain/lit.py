@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from tinytrain import parallel
+from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.model import Llama, LlamaConfig
 from tinytrain.step import train_step
 
@@ -52,6 +53,19 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     fused: Optional[bool] = None
     """Use the fused AdamW kernel; None lets PyTorch choose."""
+
+    def __post_init__(self) -> None:
+        problems = [f"{key} must be >= 0, got {getattr(self, key)}" for key in
+                    ("lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip") if getattr(self, key) < 0]
+        if self.warmup_steps > self.decay_steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) must not exceed decay_steps ({self.decay_steps}): the "
+                            "learning rate would jump from the warmup's peak to min_lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            problems.append(f"eps must be > 0, got {self.eps}")
+        if problems:
+            raise ConfigError("; ".join(f"model.optim.{p}" for p in problems))
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -108,14 +122,14 @@ class LitLlama(L.LightningModule):
         """
         super().__init__()
         if init_from == "???":
-            raise ValueError("model.init_from is required by this recipe: pass --model.init_from with a checkpoint "
+            raise ConfigError("model.init_from is required by this recipe: pass --model.init_from with a checkpoint "
                              "folder (e.g. from `tinytrain convert from-hf`) or a Hugging Face Llama folder")
         self.config, self.optim = config, optim
         self.attention, self.activation_checkpointing, self.compile_blocks = attention, activation_checkpointing, compile
         self.init_from = init_from
         self.peak_flops = peak_flops
         if loss_chunk_size < 0:
-            raise ValueError(f"model.loss_chunk_size must be >= 0, got {loss_chunk_size}")
+            raise ConfigError(f"model.loss_chunk_size must be >= 0, got {loss_chunk_size}")
         self.loss_chunk_size = loss_chunk_size
         self.compile_loss, self.float8 = compile_loss, float8
         self.automatic_optimization = False
@@ -137,7 +151,7 @@ class LitLlama(L.LightningModule):
         if isinstance(strategy, ModelParallelStrategy):
             precision = str(self.trainer.precision)
             if precision in ("bf16-true", "16-true"):
-                raise ValueError(
+                raise ConfigError(
                     f"trainer.precision {precision} with FSDP2 would keep the master weights and AdamW state in "
                     f"{precision.split('-')[0]} as well; use {precision.replace('true', 'mixed')} (FSDP2 computes and "
                     "gathers parameters in that dtype, keeps fp32 master weights and reduces gradients in fp32)")
@@ -171,7 +185,7 @@ class LitLlama(L.LightningModule):
             weights = load_model_weights(folder)
         if config != self.config:
             diff = {k: (v, getattr(self.config, k)) for k, v in asdict(config).items() if getattr(self.config, k) != v}
-            raise ValueError(f"model.init_from {self.init_from} has a different architecture: " + ", ".join(
+            raise ConfigError(f"model.init_from {self.init_from} has a different architecture: " + ", ".join(
                 f"model.config.{k}: init_from {a!r}, recipe {b!r}" for k, (a, b) in diff.items()))
         return weights
 
@@ -207,12 +221,12 @@ class LitLlama(L.LightningModule):
             src = Path(self.init_from) if hf.is_hf_folder(self.init_from) else resolve_checkpoint(self.init_from)
             if (src / "tokenizer.model").is_file() and \
                     Tokenizer(src / "tokenizer.model").sha256 != Tokenizer(dm.tokenizer_path).sha256:
-                raise ValueError(
+                raise ConfigError(
                     f"model.init_from {self.init_from} was trained with another tokenizer than the data's "
                     f"({dm.tokenizer_path}); prepare the data with {src / 'tokenizer.model'}")
         seq_len = getattr(dm, "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={seq_len} exceeds model.config.max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
@@ -253,7 +267,7 @@ class LitLlama(L.LightningModule):
         self.log("train/loss", mean_loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", lr)
         self.log("train/grad_norm", grad_norm)
-        self.log("train/tokens", float((step + 1) * tokens_per_step))
+        self.log("train/tokens", float(dm.tokens_trained(step + 1)))
         if hasattr(dm, "epochs_completed"):
             for name, epochs in dm.epochs_completed(step + 1).items():
                 self.log(f"data/epochs/{name}", epochs)
@@ -340,14 +354,14 @@ class LitLlama(L.LightningModule):
         saved_tok = checkpoint.get("tinytrain", {}).get("tokenizer_sha256")
         current_tok = self._data_tokenizer_sha()
         if saved_tok and current_tok and saved_tok != current_tok:
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint was trained on data tokenized with tokenizer sha256 {saved_tok}, but the data "
                 f"now given ({self.trainer.datamodule.folder}) was made with sha256 {current_tok}; resume with "
                 "the original data, or start a new run (--checkpoint.resume false, or --model.init_from)")
         saved = checkpoint.get("tinytrain", {}).get("model_config")
         if saved is not None and saved != asdict(self.config):
             diff = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
-            raise ValueError(
+            raise CheckpointError(
                 "the checkpoint was trained with a different model config; differing fields "
                 + ", ".join(f"model.config.{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in diff.items())
             )

@@ -30,6 +30,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from tinytrain.errors import ConfigError, TinyTrainError
+
 MAGIC = b"TTSHARD\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")  # 32 bytes
@@ -38,7 +40,7 @@ MANIFEST_FORMAT = "tinytrain-shards"
 MANIFEST_VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(TinyTrainError, ValueError):
     """A prepared data folder or one of its files is not what the trainer expects."""
 
 
@@ -208,6 +210,13 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def split_fingerprint(folder: Path, split: str) -> str:
+    """A short hash of a split's shards (names, token counts, checksums): which tokens, not where they live."""
+    entries = read_manifest(folder)["splits"].get(split, [])
+    digest = hashlib.sha256(json.dumps([[e["file"], e["tokens"], e["sha256"]] for e in entries]).encode())
+    return digest.hexdigest()[:16]
+
+
 class TokenStream:
     """The concatenated tokens of one split, over shards opened (memory-mapped) on first use.
 
@@ -272,7 +281,7 @@ def open_split(
     "full" also re-hashes every file and scans every token id.
     """
     if verify not in ("header", "full"):
-        raise ValueError(f"verify must be 'header' or 'full', got {verify!r}")
+        raise ConfigError(f"verify must be 'header' or 'full', got {verify!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     mpath = folder / MANIFEST
