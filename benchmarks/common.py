@@ -1,26 +1,28 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark shares: the command it ran, the machine it ran on, and where it writes."""
 
 from __future__ import annotations
 
-import os
-import platform
+import json
+import shlex
+import sys
 from pathlib import Path
+from typing import Optional
 
-import torch
+from tinytrain.checkpoint import environment
+
+
+def command(name: str, argv: Optional[list[str]] = None) -> str:
+    """The command line that reproduces a run, shell-quoted so it can be pasted back."""
+    return f"python -m benchmarks.{name} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    """Versions, CPU, cores, threads and GPU (tinytrain's own record, as checkpoints keep it)."""
+    return environment()
+
+
+def write_result(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out

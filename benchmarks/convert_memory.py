@@ -5,14 +5,13 @@ Writes a Hugging Face folder of random 1.1B weights (made tensor by tensor), the
 process whose own peak RSS is recorded. Conversion streams tensors, so the peak should stay near
 one copy of the weights or below. Writes JSON.
 
-    python benchmarks/convert_memory.py --out benchmarks/results/convert_memory.json [--preset tinyllama-1.1b]
+    python -m benchmarks.convert_memory --out benchmarks/results/convert_memory.json [--preset tinyllama-1.1b]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import command, machine, write_result
+
+from tinytrain import hf
+from tinytrain.model import LlamaConfig
+from tinytrain.tokenizer import train_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tinytrain import hf  # noqa: E402
-from tinytrain.model import LlamaConfig  # noqa: E402
-from tinytrain.tokenizer import train_tokenizer  # noqa: E402
 
 # Runs one command and prints its peak RSS in KiB (ru_maxrss of the only child).
 _MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
@@ -102,11 +103,10 @@ def main(argv=None) -> dict:
         "process_baseline_rss_bytes": baseline["peak_rss_bytes"],
         "conversions": results,
         "round_trip_first_tensor_equal": exact,
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__},
+        "command": command("convert_memory", argv),
+        "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps(result, indent=2))
     return result
 

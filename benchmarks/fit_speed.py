@@ -5,7 +5,7 @@ folder (no validation, no checkpoint until the end), then reads the run's own me
 per device, MFU and peak memory, medians over the steps after --skip. A crash anywhere in the
 product path fails the benchmark. Arguments after `--` go to `tinytrain fit` (switches, sizes).
 
-    python benchmarks/fit_speed.py --recipe recipes/tinyllama-1.1b.yaml --data DIR --steps 20 \\
+    python -m benchmarks.fit_speed --recipe recipes/tinyllama-1.1b.yaml --data DIR --steps 20 \\
         --out benchmarks/results/fit_speed-h100.json -- --trainer.devices 1 --data.global_batch_size 16
 """
 
@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from benchmarks.common import command, machine, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,13 +94,11 @@ def main(argv=None) -> dict:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
         "final_loss": column(rows, "train/loss", 0)[-1],
         "wall_s": round(wall, 1),
-        "command": "python benchmarks/fit_speed.py " + shlex.join(argv),
+        "command": command("fit_speed", argv),
         "fit_command": shlex.join(cmd[1:]),
         "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in ("tokens_per_s_per_device", "mfu", "peak_memory_gib", "peak_rss_gib",
                                              "final_loss", "wall_s")}, indent=2))
     return result

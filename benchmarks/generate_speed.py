@@ -3,25 +3,21 @@
 With the cache, each new token costs the same whatever the prompt length; without it, the whole
 sequence is recomputed per token. Writes JSON.
 
-    python benchmarks/generate_speed.py --preset tiny --out benchmarks/results/generate_speed-cpu.json
+    python -m benchmarks.generate_speed --preset tiny --out benchmarks/results/generate_speed-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tinytrain.generate import generate  # noqa: E402
-from tinytrain.model import Llama, LlamaConfig  # noqa: E402
+from benchmarks.common import command, machine, write_result
+from tinytrain.generate import generate
+from tinytrain.model import Llama, LlamaConfig
 
 
 def main(argv=None) -> dict:
@@ -50,11 +46,8 @@ def main(argv=None) -> dict:
         row["speedup"] = row["tokens_per_s_cache"] / row["tokens_per_s_no_cache"]
         rows.append(row)
     result = {"benchmark": "generate_speed", "preset": args.preset, "params": config.num_params(), "rows": rows,
-              "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "python": platform.python_version()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+              "command": command("generate_speed", argv), "machine": machine()}
+    write_result(result, args.out)
     print(json.dumps(rows, indent=2))
     return result
 

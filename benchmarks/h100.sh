@@ -47,21 +47,21 @@ for name in ("flash_attn", "torchao", "lightning", "triton"):
 EOF
     ;;
   levers-1)
-    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-1-$TAG.json" \
+    $PY -m benchmarks.levers --timeout 400 --out "$RESULTS/levers-1-$TAG.json" \
       --only plain sdpa-flash sdpa-cudnn sdpa-efficient flash-attn fused-adamw fsdp micro-4 micro-16 -- "${BASE[@]}" ;;
   levers-2)
-    $PY benchmarks/levers.py --timeout 400 --out "$RESULTS/levers-2-$TAG.json" \
+    $PY -m benchmarks.levers --timeout 400 --out "$RESULTS/levers-2-$TAG.json" \
       --only plain compile compile+loss chunked-loss activation-checkpointing float8 -- "${BASE[@]}" ;;
   combined)
-    $PY benchmarks/throughput.py "${BASE[@]}" ${2:?the switches to combine} --out "$RESULTS/throughput-$TAG.json" ;;
+    $PY -m benchmarks.throughput "${BASE[@]}" ${2:?the switches to combine} --out "$RESULTS/throughput-$TAG.json" ;;
   parity)
-    $PY benchmarks/loss_parity.py --data "$DATA" "${SHAPE[@]}" --steps "${PARITY_STEPS:-50}" \
+    $PY -m benchmarks.loss_parity --data "$DATA" "${SHAPE[@]}" --steps "${PARITY_STEPS:-50}" \
       --fast="${2:?the fast switches}" --reference --reference_micro_batch "${REFERENCE_MICRO_BATCH:-2}" \
       --out "$RESULTS/loss_parity-$TAG.json" ;;
   fit)
     # The product path: the recipe through Lightning, FSDP2 over one GPU, the loader, MFU from its logs.
     # Global batch = 2 micro-batches, so a step is seconds; ${2:-} adds recipe switches.
-    $PY benchmarks/fit_speed.py --recipe "${RECIPE:-recipes/tinyllama-1.1b.yaml}" --data "$DATA" \
+    $PY -m benchmarks.fit_speed --recipe "${RECIPE:-recipes/tinyllama-1.1b.yaml}" --data "$DATA" \
       --steps "${STEPS:-10}" --skip "${WARMUP:-3}" --out "$RESULTS/fit_speed-$TAG.json" -- \
       --trainer.devices 1 --data.sources null --data.micro_batch_size "${MICRO_BATCH:-8}" \
       --data.global_batch_size "$(( ${MICRO_BATCH:-8} * ${ACCUM:-2} ))" ${2:-} ;;

@@ -1,14 +1,14 @@
 """Each speed lever of the recipe, measured on its own against the plain settings, in one run.
 
-Every variant is `benchmarks/throughput.py` with the base arguments plus the variant's switches,
+Every variant is `python -m benchmarks.throughput` with the base arguments plus the variant's switches,
 each in a fresh process (its own compile caches and memory peak). With --rounds > 1 the variants
 alternate, round after round, and each figure is the median over rounds. Writes JSON with one row
 per variant (tokens/s, MFU, peak memory, ratio to plain, or the error that stopped it) and
 prints a Markdown table.
 
-    python benchmarks/levers.py --out benchmarks/results/levers-h100.json -- \\
+    python -m benchmarks.levers --out benchmarks/results/levers-h100.json -- \\
         --preset tinyllama-1.1b --micro_batch 8 --accum 2 --steps 10
-    python benchmarks/levers.py --only plain compile fused-adamw -- --preset tiny --seq 256   # CPU
+    python -m benchmarks.levers --only plain compile fused-adamw -- --preset tiny --seq 256   # CPU
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.common import command, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # name -> switches added to the base arguments. "plain" is throughput.py's defaults: SDPA with
 # PyTorch's choice of kernel, eager blocks, the plain cross-entropy, for-each AdamW, no FSDP.
@@ -47,9 +49,9 @@ VARIANTS: dict[str, list[str]] = {
 
 def run_variant(base: list[str], switches: list[str], out: Path, timeout: float) -> dict:
     # A later flag wins in argparse, so a variant's --micro_batch overrides the base's.
-    cmd = [sys.executable, str(HERE / "throughput.py"), *base, *switches, "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.throughput", *base, *switches, "--out", str(out)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -106,17 +108,15 @@ def main(argv=None) -> dict:
             row["ratio_to_plain"] = row["tokens_per_s"] / plain
     first = next((x for results in runs.values() for x in results if "error" not in x), {})
     result = {"benchmark": "levers", "base_arguments": base, "rounds": args.rounds, "device": first.get("device"),
-              "machine": first.get("machine"), "command": "python benchmarks/levers.py " + shlex.join(argv),
+              "machine": first.get("machine"), "command": command("levers", argv),
               "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(table(result))
     return result
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['device']}: python benchmarks/throughput.py {' '.join(result['base_arguments'])} [+ switches]",
+    lines = [f"{result['device']}: python -m benchmarks.throughput {' '.join(result['base_arguments'])} [+ switches]",
              "", "| variant | switches | tokens/s | MFU | at recipe accumulation | peak memory GiB | vs plain |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

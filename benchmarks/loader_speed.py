@@ -6,7 +6,7 @@ shards), then reads TinyLlama's shape of batches through ``TrainSteps``: weights
 steps 0, 10^6 and 10^9. Rounds alternate; the figure is the median over steps after the first
 (the first pays page faults). Compared with the ~70k tokens/s an H100 trains the 1.1B model at.
 
-    python benchmarks/loader_speed.py --out benchmarks/results/loader_speed.json
+    python -m benchmarks.loader_speed --out benchmarks/results/loader_speed.json
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine  # noqa: E402
+from benchmarks.common import command, machine, write_result
 
-from tinytrain import shards  # noqa: E402
-from tinytrain.data import Blocks, SampleOrder, TrainSteps  # noqa: E402
+from tinytrain import shards
+from tinytrain.order import Blocks, SampleOrder, TrainSteps
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GPU_TOKENS_PER_S = 70_000  # the 1.1B model on one H100, the consumer this loader must outrun
 
@@ -92,10 +90,10 @@ def main() -> None:
         "tokens_per_s_by_start_step": rate,
         "tokens_per_s": overall,
         "over_h100_consumption": overall / GPU_TOKENS_PER_S,
+        "command": command("loader_speed"),
         "machine": machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in ("tokens_per_s_by_start_step", "tokens_per_s", "over_h100_consumption")},
                      indent=2))
 

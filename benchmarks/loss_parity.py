@@ -10,7 +10,7 @@ of a prepared data folder in the same order, for --steps optimizer steps with a 
 After training, each run's loss on --val_batches validation batches. Writes JSON with every
 curve and the differences, and prints a summary.
 
-    python benchmarks/loss_parity.py --data DIR --preset tinyllama-1.1b --micro_batch 8 --accum 2 \\
+    python -m benchmarks.loss_parity --data DIR --preset tinyllama-1.1b --micro_batch 8 --accum 2 \\
         --fast "--fsdp --compile --compile_loss --fused_adamw on" --reference --reference_micro_batch 2 \\
         --out benchmarks/results/loss_parity-h100.json
 """
@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-from throughput import Runner, add_switches  # noqa: E402
-from tinytrain.data import TokenData, ValBatches  # noqa: E402
-from tinytrain.model import Llama, LlamaConfig  # noqa: E402
+from benchmarks.common import command, machine, write_result
+from benchmarks.throughput import Runner, add_switches
+from tinytrain.data import TokenData
+from tinytrain.order import ValBatches
+from tinytrain.model import Llama, LlamaConfig
 
 
 def train(name: str, args, weights: dict, batches: list[torch.Tensor], val: list[torch.Tensor]) -> dict:
@@ -119,11 +118,9 @@ def main(argv=None) -> dict:
         result["within_bf16_noise_rule"] = ("fast vs fp32 <= max(2 x (plain bf16 vs fp32), 0.01), on the mean "
                                             "absolute loss difference of the last 10 steps and on validation loss")
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result["command"] = "python benchmarks/loss_parity.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    result["command"] = command("loss_parity", argv)
     result["machine"] = machine()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     for key in ("fast_vs_plain", "plain_vs_reference", "fast_vs_reference"):
         if key in result:
             print(key, json.dumps({k: round(v, 5) for k, v in result[key].items()}))

@@ -12,7 +12,7 @@ it (Llama-2's size), or ``--tokenizer``. Each round, in rotating order:
 Writes JSON with medians, the pipeline/raw ratio per core, the scaling from 1 to N workers, and
 the hours per billion tokens that the measured per-core rate gives on 8 to 128 cores.
 
-    python benchmarks/prep_speed.py --out benchmarks/results/prep_speed.json
+    python -m benchmarks.prep_speed --out benchmarks/results/prep_speed.json
 """
 
 from __future__ import annotations
@@ -21,19 +21,17 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine  # noqa: E402
+from benchmarks.common import command, machine, write_result
 
-from tinytrain.corpus import list_corpus_files, read_documents, stdlib_dir  # noqa: E402
-from tinytrain.prep import PrepSpec, Source, prepare  # noqa: E402
-from tinytrain.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tinytrain.corpus import list_corpus_files, read_documents, stdlib_dir
+from tinytrain.prep import PrepSpec, Source, prepare
+from tinytrain.tokenizer import Tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_corpus(folder: Path, n_files: int, max_docs: int) -> list[str]:
@@ -122,10 +120,10 @@ def main() -> None:
         "hours_per_billion_tokens_at_the_measured_per_core_rate": {
             str(n): 1e9 / (per_core * n) / 3600 for n in (8, 16, 32, 64, 128)},
         "bytes_per_token": input_bytes / tokens["raw"],
+        "command": command("prep_speed"),
         "machine": machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in ("tokens_per_s", "pipeline_over_raw_one_core",
                                              f"scaling_1_to_{args.workers}_workers")}, indent=2))
 

@@ -6,7 +6,7 @@ seconds from process start to the restored state and to the end of the first res
 Also times the data path alone (building the loader at a step and reading its first batch) at
 steps 10, 10^6 and 10^9. Writes JSON, with the checkpoint's size and save time.
 
-    python benchmarks/resume_cost.py --recipe recipes/tiny.yaml --out benchmarks/results/resume_cost-tiny.json
+    python -m benchmarks.resume_cost --recipe recipes/tiny.yaml --out benchmarks/results/resume_cost-tiny.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import command, machine, write_result
+
+from tinytrain.checkpoint import STATE, point_last
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tinytrain.checkpoint import STATE, point_last  # noqa: E402
 
 FAR = 1_000_000
 
@@ -153,11 +155,10 @@ def main(argv=None) -> dict:
         "runs": timings,
         "data_path_first_batch_s": data,
         "checkpoint": {"bytes": sum(meta["files"].values()), "save_seconds": meta["save_seconds"]},
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__},
+        "command": command("resume_cost", argv),
+        "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in ("median_restored_s", "median_first_step_exit_s",
                                              "ratio_far_over_near", "data_path_first_batch_s", "checkpoint")},
                      indent=2))

@@ -5,16 +5,16 @@ this one device, as the recipe runs) after a warm-up, and writes JSON: tokens/s,
 time and its parts, MFU by 6N + 12LHQT FLOPs per token against the device's peak (a table of GPU
 bf16 peaks; on CPU a measured matmul peak), peak memory, the switches, and the versions.
 
-    python benchmarks/throughput.py --preset tinyllama-1.1b --micro_batch 8 --fsdp --compile \\
+    python -m benchmarks.throughput --preset tinyllama-1.1b --micro_batch 8 --fsdp --compile \\
         --out benchmarks/results/h100.json
-    python benchmarks/throughput.py --preset tiny --micro_batch 8 --seq 256          # CPU
+    python -m benchmarks.throughput --preset tiny --micro_batch 8 --seq 256          # CPU
 
 Each switch is the recipe's switch of the same name (see README, Performance). The step is the
 trainer's own (tinytrain.step.train_step). The timed step is --accum micro-batches and one
 optimizer step; each micro-batch and the optimizer are timed apart too (CUDA events, read after
 the step: no synchronisation between the parts), so `tokens_per_s_at_accum` gives the rate at the
 recipe's accumulation (1024 sequences / micro batch on one GPU) without running minute-long steps.
-benchmarks/fit_speed.py measures `tinytrain fit` itself.
+`python -m benchmarks.fit_speed` measures `tinytrain fit` itself.
 """
 
 from __future__ import annotations
@@ -23,23 +23,19 @@ import argparse
 import contextlib
 import json
 import resource
-import shlex
-import socket
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-from tinytrain import parallel  # noqa: E402
-from tinytrain.data import transit_dtype  # noqa: E402
-from tinytrain.lit import OptimConfig, adamw  # noqa: E402
-from tinytrain.model import ATTENTION_BACKENDS, Llama, LlamaConfig, measured_cpu_peak, peak_flops  # noqa: E402
-from tinytrain.step import StepTimer, train_step  # noqa: E402
+from benchmarks.common import command, machine, write_result
+from tinytrain import parallel
+from tinytrain.attention import BACKENDS
+from tinytrain.flops import measured_cpu_peak, peak_flops
+from tinytrain.model import Llama, LlamaConfig
+from tinytrain.optim import OptimConfig, adamw
+from tinytrain.order import transit_dtype
+from tinytrain.step import StepTimer, train_step
 
 TINYLLAMA_GLOBAL_BATCH = 1024  # sequences per optimizer step in recipes/tinyllama-1.1b.yaml
 
@@ -52,7 +48,7 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
                         help="default: bf16-mixed on CUDA, 32-true on CPU")
-    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa")
+    parser.add_argument("--attention", choices=BACKENDS, default="sdpa")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--compile_loss", action="store_true", help="torch.compile norm + head + cross-entropy")
     parser.add_argument("--activation_checkpointing", action="store_true")
@@ -66,28 +62,14 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad_clip", type=float, default=1.0, help="gradient clipping, as the recipes (0: none)")
 
 
-def switches_of(args) -> dict:
-    return dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size, float8=args.float8,
-                activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                compile_loss=args.compile_loss)
+def switches_of(args) -> parallel.Switches:
+    return parallel.Switches(args.attention, args.activation_checkpointing, args.compile, args.compile_loss,
+                             args.loss_chunk_size, args.float8)
 
 
 def device_and_precision(args) -> tuple[torch.device, str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-
-
-def init_single_process_group(device: torch.device) -> None:
-    """A one-process group, so FSDP2 runs here as it does under the Lightning strategy."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
 
 
 class Runner:
@@ -102,14 +84,14 @@ class Runner:
         if args.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            init_single_process_group(self.device)
+            parallel.init_one_process_group(self.device)
             mesh = init_device_mesh(self.device.type, (1,))
             self.model = parallel.build_sharded(self.config, mesh, self.device, torch.bfloat16 if bf16 else None,
-                                                **switches_of(args))
+                                                switches=switches_of(args))
         else:
             with torch.device(self.device):
                 self.model = Llama(self.config)
-            parallel.prepare(self.model, device=self.device, **switches_of(args))
+            parallel.prepare(self.model, switches_of(args), self.device)
         if weights is not None:  # the same starting point for every variant compared
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -237,12 +219,10 @@ def main(argv=None) -> dict:
         "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "reserved_memory_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command("throughput", argv),
         "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in ("device", "tokens_per_s", "mfu", "tokens_per_s_at_accum", "mfu_at_accum",
                                              "peak_memory_bytes", "attention", "compile")}, indent=2))
     if args.fsdp:

@@ -4,7 +4,7 @@ Both models are built from the same config with the same weights, take the same 
 same AdamW settings, and run in one process, alternating rounds (ours, theirs, ours, ...) so
 machine noise hits both alike. Writes JSON with tokens/s of each, the ratio, and the machine.
 
-    python benchmarks/vs_transformers.py --preset tiny --out benchmarks/results/vs_transformers-cpu.json
+    python -m benchmarks.vs_transformers --preset tiny --out benchmarks/results/vs_transformers-cpu.json
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-from tinytrain import parallel  # noqa: E402
-from tinytrain.model import Llama, LlamaConfig  # noqa: E402
+from benchmarks.common import command, machine, write_result
+from tinytrain import parallel
+from tinytrain.model import Llama, LlamaConfig
 
 
 def hf_model(config: LlamaConfig, ours: Llama):
@@ -138,11 +134,10 @@ def main(argv=None) -> dict:
         ],
         "step_times_s": times,
         "transformers": hf_version,
+        "command": command("vs_transformers", argv),
         "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in ("tokens_per_s", "ratio_tinytrain_over_transformers",
                                              "ratio_tinytrain_compiled_over_transformers")}, indent=2))
     return result

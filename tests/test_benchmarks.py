@@ -9,9 +9,9 @@ from conftest import ROOT
 
 
 def run_benchmark(script: str, *args: str, out, timeout: float, env: dict | None = None) -> dict:
-    """Run benchmarks/<script> with its own --out, check it succeeded, return the JSON it wrote."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    """Run `python -m benchmarks.<name>` with its own --out, check it succeeded, return the JSON it wrote."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -66,7 +66,7 @@ def test_throughput_benchmark_on_cpu_writes_its_json(tmp_path):
     assert r["tokens_per_s"] == pytest.approx(r["accum"] * r["micro_batch"] * r["seq_len"] / r["median_step_s"])
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"])
     assert 0 < r["mfu"] < 1.5 and r["peak_memory_bytes"] > 0 and len(r["step_times_s"]) == 2
-    assert r["machine"]["torch"] and r["attention"] == "sdpa" and r["command"].startswith("python benchmarks/")
+    assert r["machine"]["torch"] and r["attention"] == "sdpa" and r["command"].startswith("python -m benchmarks.")
     # The recipe's accumulation (1024 / 8 micro-batches per step), from the measured parts.
     assert r["recipe_accum"] == 128
     assert r["tokens_per_s_at_accum"] == pytest.approx(

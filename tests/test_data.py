@@ -5,7 +5,8 @@ from torch.utils.data import DataLoader
 
 from tinytrain import shards
 from tinytrain.corpus import CorpusError, list_corpus_files, prepare_text_folder
-from tinytrain.data import Blocks, Mixture, SampleOrder, TokenData, TrainSteps, grad_accumulation, permute, sample_blocks
+from tinytrain.data import TokenData
+from tinytrain.order import Blocks, Mixture, SampleOrder, TrainSteps, grad_accumulation, permute, sample_blocks
 from tinytrain.tokenizer import Tokenizer
 
 

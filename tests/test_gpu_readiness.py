@@ -83,23 +83,23 @@ def test_loader_sends_narrow_token_ids(prepared, vocab, dtype):
 
 
 def test_fit_speed_benchmark_runs_the_product_and_fails_with_it(tmp_path, code_corpus):
-    """benchmarks/fit_speed.py reads throughput from `tinytrain fit`'s own metrics; when fit fails,
+    """benchmarks.fit_speed reads throughput from `tinytrain fit`'s own metrics; when fit fails,
     so does the benchmark."""
     import json
     import os
     import subprocess
 
     env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache")}
-    base = [sys.executable, str(ROOT / "benchmarks" / "fit_speed.py"), "--recipe", str(RECIPES / "ci.yaml"),
+    base = [sys.executable, "-m", "benchmarks.fit_speed", "--recipe", str(RECIPES / "ci.yaml"),
             "--steps", "6", "--skip", "2", "--out", str(tmp_path / "fit.json"), "--", "--data.corpus", str(code_corpus),
             "--data.val_fraction", "0.1", "--trainer.strategy", "fsdp2"]
-    ok = subprocess.run(base, capture_output=True, text=True, timeout=600, env=env)
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr[-3000:]
     result = json.loads((tmp_path / "fit.json").read_text())
     assert len(result["tokens_per_s_per_device_by_step"]) == 4 and result["tokens_per_s_per_device"] > 0
     assert 0 < result["mfu"] < 1.5 and result["peak_rss_gib"] > 0 and result["final_loss"] < 6.3
     broken = subprocess.run([*base, "--trainer.precision", "bf16-true"], capture_output=True, text=True, timeout=600,
-                            env=env)
+                            env=env, cwd=ROOT)
     assert broken.returncode != 0 and "`tinytrain fit` failed" in broken.stderr
 
 

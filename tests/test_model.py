@@ -130,7 +130,7 @@ def test_training_flops_formula_matches_the_flop_counter(preset):
 
 
 def test_tinyllama_flops_per_token_and_peak_table():
-    from tinytrain.model import peak_flops
+    from tinytrain.flops import peak_flops
 
     config = LlamaConfig.from_name("tinyllama-1.1b")
     # N without the input embedding: 1,100,048,384 - 32000 x 2048

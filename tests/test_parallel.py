@@ -98,9 +98,9 @@ def test_attention_backend_errors_name_the_backend(model_and_batch):
     model.set_attention_backend("sdpa-cudnn")
     with pytest.raises(RuntimeError, match="'sdpa-cudnn' is a CUDA kernel; on cpu use"):
         model(idx, targets)
-    from tinytrain.model import _flash_attn_func
+    from tinytrain.attention import flash_attn_func
 
-    if _flash_attn_func() is None:
+    if flash_attn_func() is None:
         with pytest.raises(RuntimeError, match="'flash-attn' asked for, but the flash-attn package is not importable"):
             model.set_attention_backend("flash-attn")
 
@@ -125,13 +125,13 @@ def test_float8_linears_stay_close_to_the_plain_math(model_and_batch):
 def test_every_lever_together_trains_like_the_plain_path(model_and_batch):
     """Six AdamW steps: compiled blocks and loss, chunked loss, a forced SDPA kernel, activation
     checkpointing and fused AdamW against the plain path, from the same weights and batches."""
-    from tinytrain.lit import OptimConfig, adamw
+    from tinytrain.optim import OptimConfig, adamw
 
     model, _, _ = model_and_batch
     batches = torch.randint(0, 512, (1, 2, 4, 33)).expand(6, -1, -1, -1)  # one batch, learnt step by step
     fast = copy.deepcopy(model)
-    parallel.prepare(fast, attention="sdpa-flash", loss_chunk_size=24, activation_checkpointing=True, compile=True,
-                     compile_loss=True)
+    parallel.prepare(fast, parallel.Switches(attention="sdpa-flash", loss_chunk_size=24, activation_checkpointing=True,
+                                             compile=True, compile_loss=True))
 
     def train(m, fused):
         opt = adamw(m, OptimConfig(lr=3e-3, warmup_steps=0, fused=fused))

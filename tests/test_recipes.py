@@ -4,7 +4,7 @@ import torch
 
 from conftest import RECIPES
 from tinytrain.cli import TinyTrainCLI, main
-from tinytrain.checkpoint import ConfigSaver
+from tinytrain.callbacks import ConfigSaver
 from tinytrain.data import TokenData
 from tinytrain.lit import LitLlama
 from tinytrain.model import Llama, LlamaConfig

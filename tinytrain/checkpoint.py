@@ -23,26 +23,28 @@ import logging
 import os
 import platform
 import re
-import shutil
 import subprocess
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import SaveConfigCallback
 
-from tinytrain import preemption
-from tinytrain.errors import CheckpointError, ConfigError
+from tinytrain.errors import CheckpointError
+from tinytrain.model import LlamaConfig
 
 log = logging.getLogger(__name__)
 
-STATE = "state.ckpt"
-WEIGHTS = "model.safetensors"  # converted weights (tinytrain convert from-hf)
+STATE = "state.ckpt"              # Lightning's checkpoint: a file, or a folder of per-rank shards
+WEIGHTS = "model.safetensors"     # converted weights (tinytrain convert from-hf), tinytrain names
+META = "meta.json"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.model"
+CONFIG = "config.yaml"
+MODEL_PREFIX = "model."           # LitLlama holds the Llama as `self.model`: its keys in Lightning's state dict
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -62,7 +64,7 @@ def damage(path: Path) -> Optional[str]:
     """Why a checkpoint folder cannot be loaded, or None if it looks complete: meta.json must parse,
     the weights must be there (a training state, or converted weights), and every file meta.json
     lists must exist with the size it had when saved."""
-    meta_path = path / "meta.json"
+    meta_path = path / META
     if not meta_path.is_file():
         return "no meta.json"
     try:
@@ -90,18 +92,27 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return None
 
 
+def folder_kind(path: os.PathLike | str) -> Optional[str]:
+    """"huggingface" for a HF model folder (config.json, no meta.json), "tinytrain" for anything
+    else that exists (a run, its checkpoints, a step or converted folder), None if nothing is there."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file() and not (p / META).is_file():
+        return "huggingface"
+    return "tinytrain" if p.exists() else None
+
+
 def resolve_checkpoint(path: os.PathLike | str) -> Path:
     """A checkpoint folder from what a user may pass: a step folder (or a converted one), ``last``,
     a run folder, or its checkpoints folder. A step folder named explicitly must be intact (the
     error names the damaged file); for ``last`` or a run folder, a damaged newest checkpoint gives
     way to the newest intact one, with a warning."""
     p = Path(path).expanduser()
-    if p.name != "last" and (p / "meta.json").is_file():
+    if p.name != "last" and (p / META).is_file():
         problem = damage(p)
         if problem is not None:
             raise CheckpointError(f"{p}: damaged checkpoint: {problem}")
         return p.resolve()
-    if (p / "config.json").is_file():
+    if folder_kind(p) == "huggingface":
         raise CheckpointError(f"{p} is a Hugging Face folder; convert it first: tinytrain convert from-hf {p} OUT")
     for last in (p, p / "last", p / "checkpoints" / "last"):
         if last.name == "last" and (last.is_symlink() or last.exists()):
@@ -128,189 +139,32 @@ def git_sha() -> Optional[str]:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment() -> dict:
-    import lightning
-    import numpy
+def _version(package: str) -> Optional[str]:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
+
+def environment() -> dict:
+    """What a run or a benchmark ran on: versions, git SHA, CPU, cores, GPU."""
     from tinytrain import __version__
 
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     env = {
         "tinytrain": __version__, "git_sha": git_sha(), "python": platform.python_version(),
-        "torch": torch.__version__, "lightning": lightning.__version__, "numpy": numpy.__version__,
-        "platform": platform.platform(), "cuda": torch.version.cuda,
+        "torch": torch.__version__, "lightning": _version("lightning"), "numpy": _version("numpy"),
+        "platform": platform.platform(), "cuda": torch.version.cuda, "cpu": cpu, "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-class ConfigSaver(SaveConfigCallback):
-    """Saves config.yaml in the log folder (as Lightning does) and keeps the text for checkpoints."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.config_text = self.parser.dump(self.config, skip_none=False)
-        super().setup(trainer, pl_module, stage)
-
-
-class Checkpointing(Callback):
-    def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
-                 resume: bool = True, save_on_signal: bool = True, signal_check_every_n_steps: int = 5) -> None:
-        """Periodic, atomic checkpoints, automatic resume, and checkpoint-and-requeue on SIGUSR1.
-
-        Args:
-            dirpath: Checkpoint folder; default ``<trainer.default_root_dir>/checkpoints``.
-            every_n_steps: Save after every this many optimizer steps (and always at the end).
-            keep_last: Keep this many newest checkpoints; older ones are deleted. 0 keeps all.
-            resume: On start, continue from the newest complete checkpoint in dirpath, if any.
-            save_on_signal: On SIGUSR1 (SLURM's warning before a time limit or preemption), finish
-                the current step, save a checkpoint, requeue the SLURM job (when in one) and stop.
-            signal_check_every_n_steps: With several processes, the ranks agree on whether a
-                SIGUSR1 arrived every this many steps (a collective and a host sync each time), so
-                the warning must cover this many steps plus a save. One process checks every step.
-        """
-        if every_n_steps <= 0:
-            raise ConfigError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
-        if keep_last < 0:
-            raise ConfigError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
-        if signal_check_every_n_steps <= 0:
-            raise ConfigError(f"checkpoint.signal_check_every_n_steps must be positive, got {signal_check_every_n_steps}")
-        self.dirpath = Path(dirpath).expanduser() if dirpath else None
-        self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
-        self.save_on_signal, self.signal_check_every_n_steps = save_on_signal, signal_check_every_n_steps
-        self._last_saved_step: Optional[int] = None
-        self.lock = None  # the run folder's lock, held by global rank 0 (set by `tinytrain fit`)
-
-    def folder(self, trainer: L.Trainer) -> Path:
-        return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
-
-    # --- preemption ----------------------------------------------------------------------------
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.save_on_signal:
-            preemption.install()  # `tinytrain fit` did at start; a Trainer built in Python may not have
-        else:
-            preemption.uninstall()
-
-    def _stop_requested(self, trainer: L.Trainer, force_check: bool = False) -> bool:
-        if not self.save_on_signal:
-            return False
-        if trainer.world_size == 1:
-            return preemption.requested()
-        if not force_check and trainer.global_step % self.signal_check_every_n_steps:
-            return False
-        return trainer.strategy.reduce_boolean_decision(preemption.requested(), all=False)  # any rank signalled
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self._stop_requested(trainer, force_check=True):
-            # Signalled while the model was built, compiled or restored: nothing new to save.
-            log.info("SIGUSR1 before the first step: stopping at step %d without training", trainer.global_step)
-            self._stop_for_preemption(trainer)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.save(trainer)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = self._stop_requested(trainer)
-        if trainer.global_step % self.every_n_steps == 0 or stop:
-            self.save(trainer)
-        if stop:
-            log.info("SIGUSR1: saved step %d; stopping", trainer.global_step)
-            self._stop_for_preemption(trainer)
-
-    def _stop_for_preemption(self, trainer: L.Trainer) -> None:
-        if trainer.is_global_zero:
-            requeue_slurm_job()
-        trainer.should_stop = True
-
-    def save(self, trainer: L.Trainer) -> Optional[Path]:
-        step = trainer.global_step
-        folder = self.folder(trainer)
-        final = folder / f"step-{step:08d}"
-        if step == self._last_saved_step or (step == 0):
-            return None
-        if final.exists() and damage(final) is None:
-            # This run's own checkpoint of this step, already complete (a resumed run that ends, or
-            # is preempted, where it started): the state is the same, so nothing is written again.
-            if trainer.is_global_zero:
-                point_last(folder, final)
-            trainer.strategy.barrier("tinytrain.checkpoint.exists")
-            self._last_saved_step = step
-            return final
-        tmp = folder / f".tmp-step-{step:08d}"
-        if trainer.is_global_zero:
-            if self.lock is not None:
-                self.lock.check()  # never write into a run folder another process has taken over
-            folder.mkdir(parents=True, exist_ok=True)
-            for stale in folder.glob(".tmp-step-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        trainer.strategy.barrier("tinytrain.checkpoint.mkdir")
-        started = time.perf_counter()
-        try:
-            trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
-            if trainer.is_global_zero:
-                self._write_sidecars(trainer, tmp, step, time.perf_counter() - started)
-        except OSError as e:
-            if trainer.is_global_zero:
-                shutil.rmtree(tmp, ignore_errors=True)
-            last = folder / "last"
-            previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
-            raise CheckpointError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
-        if trainer.is_global_zero:
-            if final.exists():  # damaged (checked above): kept aside, never deleted
-                set_aside(final, damage(final) or "replaced")
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(folder)
-            point_last(folder, final)
-            self._prune(folder, final)
-            log.info("saved checkpoint %s", final)
-        trainer.strategy.barrier("tinytrain.checkpoint.done")
-        self._last_saved_step = step
-        return final
-
-    def _write_sidecars(self, trainer: L.Trainer, folder: Path, step: int, seconds: float) -> None:
-        module, dm = trainer.lightning_module, trainer.datamodule
-        saver = next((cb for cb in trainer.callbacks if isinstance(cb, ConfigSaver)), None)
-        if saver is not None and getattr(saver, "config_text", None):
-            (folder / "config.yaml").write_text(saver.config_text)
-        config = getattr(module, "config", None)
-        if config is not None:
-            (folder / "model_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        tokenizer = getattr(dm, "tokenizer_path", None) if dm is not None else None
-        if tokenizer is not None and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, folder / "tokenizer.model")
-        meta = {
-            "step": step,
-            "tokens": dm.tokens_trained(step) if hasattr(dm, "tokens_trained") else None,
-            "global_batch_size": getattr(dm, "global_batch_size", None),
-            "seq_len": getattr(dm, "seq_len", None),
-            "world_size": trainer.world_size,
-            "num_nodes": trainer.num_nodes,
-            "strategy": type(trainer.strategy).__name__,
-            "precision": str(trainer.precision),
-            "save_seconds": round(seconds, 3),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": environment(),
-            # Every file with its size, so a truncated or partly copied checkpoint is recognised.
-            "files": {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()},
-        }
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    def _prune(self, folder: Path, keep: Path) -> None:
-        """Delete intact checkpoints older than the newest ``keep_last`` intact ones (a damaged
-        folder never counts as one of those, so the newest intact one always stays)."""
-        if not self.keep_last:
-            return
-        intact = [path for _, path in step_dirs(folder) if damage(path) is None]
-        for path in intact[: max(0, len(intact) - self.keep_last)]:
-            if path.resolve() == keep.resolve():
-                continue
-            doomed = path.with_name(".del-" + path.name)
-            os.replace(path, doomed)  # never leave a half-deleted step-N behind
-            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def set_aside(path: Path, reason: str) -> Path:
@@ -327,47 +181,13 @@ def set_aside(path: Path, reason: str) -> Path:
     return target
 
 
-def requeue_slurm_job() -> bool:
-    """Put this SLURM job back in the queue (it restarts with the same command and resumes)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    if not job:
-        return False
-    try:
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("could not requeue SLURM job %s: %s", job, e)
-        return False
-    if result.returncode:
-        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
-        return False
-    log.info("requeued SLURM job %s", job)
-    return True
-
-
 def point_last(folder: Path, target: Path) -> None:
+    """Point ``folder/last`` at ``target`` by renaming a fresh symlink over it (atomic)."""
     tmp_link = folder / ".last.tmp"
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
     tmp_link.symlink_to(target.name)
     os.replace(tmp_link, folder / "last")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
 
 
 def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -388,7 +208,7 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
             ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
         except (RuntimeError, EOFError, OSError) as e:  # "PytorchStreamReader failed reading zip archive", ...
             raise CheckpointError(f"{state_path}: unreadable, damaged or truncated ({e})") from e
-        return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        return {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     if not state_path.is_dir():
         raise FileNotFoundError(f"{state_path}: no checkpoint state there")
     import torch.distributed.checkpoint as dcp
@@ -398,7 +218,7 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
         metadata = dcp.FileSystemReader(str(state_path)).read_metadata()
     except Exception as e:
         raise CheckpointError(f"{state_path}: unreadable sharded checkpoint ({e})") from e
-    prefix = "state_dict.model."
+    prefix = "state_dict." + MODEL_PREFIX
     weights = {
         key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -406,12 +226,12 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
     }
     if not weights:
         raise CheckpointError(f"{state_path}: sharded checkpoint holds no model weights (no '{prefix}*' keys)")
-    wrapped = {"state_dict": {"model." + k: v for k, v in weights.items()}}
+    wrapped = {"state_dict": {MODEL_PREFIX + k: v for k, v in weights.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(wrapped, checkpoint_id=str(state_path), planner=DefaultLoadPlanner(allow_partial_load=True),
                  no_dist=True)
-    return {k.removeprefix("model."): v for k, v in wrapped["state_dict"].items()}
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in wrapped["state_dict"].items()}
 
 
 def consolidate(checkpoint, out: os.PathLike | str) -> Path:
@@ -424,3 +244,49 @@ def consolidate(checkpoint, out: os.PathLike | str) -> Path:
     torch.save(weights, tmp)
     os.replace(tmp, out)
     return out
+
+
+@dataclass
+class Pretrained:
+    """Weights to start from or to use: a tinytrain checkpoint (any of the forms resolve_checkpoint
+    takes) or a Hugging Face Llama folder, with its architecture and tokenizer."""
+
+    kind: str
+    folder: Path
+    config: LlamaConfig
+    tokenizer: Optional[Path]
+
+    def tensors(self) -> tuple[dict[str, tuple], Iterator[tuple[str, torch.Tensor]]]:
+        """Parameter name -> shape, and the tensors one at a time in that order (streamed: never
+        all in memory at once when the source is a HF folder)."""
+        if self.kind == "huggingface":
+            from tinytrain import hf
+
+            return hf.hf_tensors(self.folder, self.config)
+        weights = load_model_weights(self.folder)
+        shapes = self.config.parameter_shapes()
+        missing = [k for k in shapes if k not in weights]
+        if missing:
+            raise CheckpointError(f"{self.folder}: checkpoint lacks {', '.join(missing[:8])}")
+        return shapes, ((k, weights[k]) for k in shapes)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors()[1])
+
+
+def load_pretrained(path: os.PathLike | str, need_tokenizer: bool = False) -> Pretrained:
+    """The one way to open weights by path, for init_from, generate, evaluate and export."""
+    p = Path(path).expanduser()
+    if folder_kind(p) == "huggingface":
+        from tinytrain import hf
+
+        config, _ = hf.check_hf_folder(p)
+        return Pretrained("huggingface", p, config, p / TOKENIZER)
+    folder = resolve_checkpoint(p)
+    if not (folder / MODEL_CONFIG).is_file():
+        raise CheckpointError(f"{folder / MODEL_CONFIG}: missing from checkpoint {folder}")
+    config = LlamaConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
+    tokenizer = folder / TOKENIZER if (folder / TOKENIZER).is_file() else None
+    if need_tokenizer and tokenizer is None:
+        raise CheckpointError(f"{folder / TOKENIZER}: missing from checkpoint {folder}")
+    return Pretrained("tinytrain", folder, config, tokenizer)

@@ -9,8 +9,8 @@ from pathlib import Path
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 
-from tinytrain.checkpoint import (STATE, Checkpointing, damage, latest_checkpoint, point_last, resolve_checkpoint,
-                                  set_aside, step_dirs)
+from tinytrain.callbacks import Checkpointing
+from tinytrain.checkpoint import STATE, damage, latest_checkpoint, point_last, resolve_checkpoint, set_aside, step_dirs
 from tinytrain.runlock import RunLock
 
 log = logging.getLogger("tinytrain")

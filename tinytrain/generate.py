@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from tinytrain.checkpoint import load_model_weights, resolve_checkpoint
+from tinytrain.checkpoint import load_pretrained
 from tinytrain.errors import ConfigError
-from tinytrain.model import Llama, LlamaConfig
+from tinytrain.model import Llama
 from tinytrain.tokenizer import Tokenizer
 
 
 def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
     """(model, tokenizer) from a tinytrain checkpoint (any form) or a Hugging Face Llama folder."""
-    from tinytrain import hf
-
-    if hf.is_hf_folder(path):
-        return hf.load_hf_model(Path(path), device)
-    folder = resolve_checkpoint(path)
-    config_file = folder / "model_config.json"
-    tok_file = folder / "tokenizer.model"
-    for f in (config_file, tok_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing from checkpoint {folder}")
-    config = LlamaConfig(**json.loads(config_file.read_text()))
+    source = load_pretrained(path, need_tokenizer=True)
     with torch.device("meta"):
-        model = Llama(config)
-    model.load_weights(load_model_weights(folder), assign=True)
+        model = Llama(source.config)
+    model.load_weights(source.weights(), assign=True)
     model.init_rope()
-    return model.to(device).eval(), Tokenizer(tok_file)
+    return model.to(device).eval(), Tokenizer(source.tokenizer)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: float,
@@ -87,32 +75,3 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
         if use_cache:
             model.clear_kv_caches()
     return tokens
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    from tinytrain.errors import argument_parser
-
-    parser = argument_parser(prog="tinytrain generate", description="Continue a prompt with a trained model.")
-    parser.add_argument("checkpoint", help="a checkpoint folder, its 'last' link, a run folder, or a HF Llama folder")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start from BOS alone)")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top_k", type=int, default=50, help="0 disables top-k filtering")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
-                         (args.temperature < 0, f"--temperature must be >= 0 (0 is greedy), got {args.temperature}"),
-                         (args.top_k < 0, f"--top_k must be >= 0 (0 disables it), got {args.top_k}"),
-                         (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")):
-        if bad:
-            parser.error(message)
-
-    model, tok = load_checkpoint(args.checkpoint, device=args.device)
-    ids = tok.encode(args.prompt, bos=True)
-    prompt = torch.tensor([ids], device=args.device)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
-                   eos_id=tok.eos_id, generator=gen)
-    print(tok.decode(out[0].tolist()))

@@ -22,12 +22,12 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from tinytrain.checkpoint import META, MODEL_CONFIG, TOKENIZER, WEIGHTS, load_pretrained
 from tinytrain.errors import ConfigError, TinyTrainError
 from tinytrain.fsutil import atomic_folder
 from tinytrain.model import LlamaConfig
 from tinytrain.tokenizer import Tokenizer
 
-WEIGHTS = "model.safetensors"
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,28 +47,6 @@ def to_hf_name(name: str) -> str:
 
 def from_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else name.removeprefix("model.")
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """tinytrain parameter name -> shape, computed from the config alone."""
-    d, hd = config.hidden_size, config.head_dim
-    shapes = {"embed_tokens.weight": (config.vocab_size, d), "norm.weight": (d,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, d)
-    for i in range(config.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (config.num_attention_heads * hd, d),
-            p + "self_attn.k_proj.weight": (config.num_key_value_heads * hd, d),
-            p + "self_attn.v_proj.weight": (config.num_key_value_heads * hd, d),
-            p + "self_attn.o_proj.weight": (d, config.num_attention_heads * hd),
-            p + "mlp.gate_proj.weight": (config.intermediate_size, d),
-            p + "mlp.up_proj.weight": (config.intermediate_size, d),
-            p + "mlp.down_proj.weight": (d, config.intermediate_size),
-        })
-    return shapes
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -279,11 +257,11 @@ def check_hf_folder(folder: Path) -> tuple[LlamaConfig, dict]:
     except json.JSONDecodeError as e:
         raise HFFormatError(f"{config_path}: not valid JSON ({e})") from e
     config = config_from_hf(hf_config, str(config_path))
-    if not (folder / "tokenizer.model").is_file():
-        raise HFFormatError(f"{folder / 'tokenizer.model'}: missing (tinytrain needs the sentencepiece tokenizer)")
-    tok = Tokenizer(folder / "tokenizer.model")
+    if not (folder / TOKENIZER).is_file():
+        raise HFFormatError(f"{folder / TOKENIZER}: missing (tinytrain needs the sentencepiece tokenizer)")
+    tok = Tokenizer(folder / TOKENIZER)
     if tok.vocab_size > config.vocab_size:
-        raise HFFormatError(f"{folder / 'tokenizer.model'} has {tok.vocab_size} pieces but {config_path} says "
+        raise HFFormatError(f"{folder / TOKENIZER} has {tok.vocab_size} pieces but {config_path} says "
                             f"vocab_size {config.vocab_size}: the model cannot embed every token")
     return config, hf_config
 
@@ -292,7 +270,7 @@ def hf_tensors(folder: Path, config: LlamaConfig) -> tuple[dict[str, tuple], Ite
     """tinytrain name -> shape, and a stream of (tinytrain name, tensor) in that order, after
     checking every name and shape."""
     shapes, source = TensorSource.open(folder)
-    expected = expected_shapes(config)
+    expected = config.parameter_shapes()
     present = {from_hf_name(k): k for k in shapes if not k.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         present.pop("lm_head.weight", None)  # some exporters write the tied copy too
@@ -326,9 +304,9 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
     shapes, stream = hf_tensors(hf_dir, config)
     with atomic_folder(out) as tmp:
         write_safetensors(tmp / WEIGHTS, stream, shapes, dtype=None, metadata={"source": hf_dir.name})
-        (tmp / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        shutil.copyfile(hf_dir / "tokenizer.model", tmp / "tokenizer.model")
-        (tmp / "meta.json").write_text(json.dumps({
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        shutil.copyfile(hf_dir / TOKENIZER, tmp / TOKENIZER)
+        (tmp / META).write_text(json.dumps({
             "step": 0, "source": {"format": "huggingface", "path": str(hf_dir.resolve()),
                                   "torch_dtype": hf_config.get("torch_dtype", hf_config.get("dtype"))},
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -342,38 +320,33 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
 
 def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
     """Write a tinytrain checkpoint (plain, sharded or converted) as a HF LlamaForCausalLM folder."""
-    from tinytrain.checkpoint import load_model_weights, resolve_checkpoint
-
-    folder = resolve_checkpoint(checkpoint)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new folder")
-    config = LlamaConfig(**json.loads((folder / "model_config.json").read_text()))
-    tok = Tokenizer(folder / "tokenizer.model")
-    weights = load_model_weights(folder)
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
-    target = _DTYPE_NAMES[dtype] if dtype else next(iter(weights.values())).dtype
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        raise HFFormatError(f"{folder}: checkpoint lacks {', '.join(missing[:8])}")
+    source = load_pretrained(checkpoint, need_tokenizer=True)
+    if source.kind == "huggingface":
+        raise HFFormatError(f"{checkpoint} is already a Hugging Face folder")
+    config, tok = source.config, Tokenizer(source.tokenizer)
+    expected, tensors = source.tensors()
+    first_name, first = next(tensors)
+    target = _DTYPE_NAMES[dtype] if dtype else first.dtype
     shapes = {to_hf_name(k): v for k, v in expected.items()}
     with atomic_folder(out) as tmp:
-        write_safetensors(tmp / WEIGHTS, ((to_hf_name(k), weights[k]) for k in expected), shapes, target,
-                          metadata={"format": "pt"})
-        del weights
+        write_safetensors(tmp / WEIGHTS, ((to_hf_name(k), w) for k, w in itertools.chain([(first_name, first)], tensors)),
+                          shapes, target, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config, target, tok.bos_id, tok.eos_id), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "max_length": config.max_position_embeddings},
             indent=2) + "\n")
-        write_tokenizer_files(tmp, folder / "tokenizer.model", config.max_position_embeddings)
+        write_tokenizer_files(tmp, source.tokenizer, config.max_position_embeddings)
     return out
 
 
 def write_tokenizer_files(folder: Path, model: Path, max_length: int) -> None:
     """tokenizer.model plus the configs transformers' LlamaTokenizer reads (BOS added, no EOS)."""
-    shutil.copyfile(model, folder / "tokenizer.model")
+    shutil.copyfile(model, folder / TOKENIZER)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
@@ -381,21 +354,3 @@ def write_tokenizer_files(folder: Path, model: Path, max_length: int) -> None:
         "clean_up_tokenization_spaces": False, "sp_model_kwargs": {},
     }, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-
-
-def is_hf_folder(path) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and not (p / "meta.json").is_file()
-
-
-def load_hf_model(folder: Path, device="cpu"):
-    """(Llama, Tokenizer) straight from a HF folder, for generation."""
-    from tinytrain.model import Llama
-
-    config, _ = check_hf_folder(folder)
-    shapes, stream = hf_tensors(folder, config)
-    with torch.device("meta"):
-        model = Llama(config)
-    model.load_weights(dict(stream), assign=True)
-    model.init_rope()
-    return model.to(device).eval(), Tokenizer(Path(folder) / "tokenizer.model")

@@ -9,21 +9,35 @@ torch.distributed: parallelism is applied from outside (see ``tinytrain.parallel
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tinytrain.errors import ConfigError, UnsupportedError
+from tinytrain import attention, loss
+from tinytrain.errors import ConfigError
 
-log = logging.getLogger(__name__)
+# Named architectures: LlamaConfig.from_name(name). Recipes spell theirs out in full.
+PRESETS: dict[str, dict] = {
+    # TinyLlama 1.1B (arXiv 2401.02385): exactly 1,100,048,384 parameters.
+    "tinyllama-1.1b": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+    ),
+    # About 12M parameters: trains on two CPU cores in minutes.
+    "tiny": dict(
+        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+    ),
+    # Under 1M parameters: a few dozen steps in seconds, for tests.
+    "ci": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+}
 
 
 @dataclass
@@ -90,17 +104,39 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Exact parameter count, computed from the shapes (no model needed)."""
-        d, h, kv, hd = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
-        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-        mlp = 3 * d * self.intermediate_size
-        block = attn + mlp + 2 * d
-        n = self.num_hidden_layers * block + d + self.vocab_size * d  # blocks, final norm, lm_head
-        if include_embedding and not self.tie_word_embeddings:
-            n += self.vocab_size * d
-        return n
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every distinct parameter, in the model's order (a tied head is the
+        embedding, so has no entry of its own): the one place shapes are known without a model."""
+        d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
+        shapes = {"embed_tokens.weight": (self.vocab_size, d)}
+        for n in range(self.num_hidden_layers):
+            p = f"layers.{n}."
+            shapes.update({
+                p + "input_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (self.num_attention_heads * hd, d),
+                p + "self_attn.k_proj.weight": (self.num_key_value_heads * hd, d),
+                p + "self_attn.v_proj.weight": (self.num_key_value_heads * hd, d),
+                p + "self_attn.o_proj.weight": (d, self.num_attention_heads * hd),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "mlp.gate_proj.weight": (i, d),
+                p + "mlp.up_proj.weight": (i, d),
+                p + "mlp.down_proj.weight": (d, i),
+            })
+        shapes["norm.weight"] = (d,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        return shapes
 
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Exact parameter count, from the shapes (no model needed). Without the embedding, a tied
+        matrix still counts once, as the output head."""
+        n = sum(math.prod(shape) for shape in self.parameter_shapes().values())
+        return n - self.vocab_size * self.hidden_size if not include_embedding and not self.tie_word_embeddings else n
+
+    def differences(self, other: "LlamaConfig", mine: str, theirs: str) -> str:
+        """'model.config.FIELD: <mine> X, <theirs> Y' for every field that differs; '' if none."""
+        return ", ".join(f"model.config.{k}: {mine} {v!r}, {theirs} {getattr(other, k)!r}"
+                         for k, v in asdict(self).items() if getattr(other, k) != v)
 
     def training_flops_per_token(self, seq_len: int) -> int:
         """FLOPs of one training token (forward + backward): 6 N + 12 L H Q T (PaLM, appendix B),
@@ -108,98 +144,6 @@ class LlamaConfig:
         The attention term counts the full T x T score matrix, as published MFU figures do."""
         n = self.num_params(include_embedding=False)
         return 6 * n + 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
-
-
-# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, without sparsity), for MFU.
-PEAK_FLOPS = {
-    "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
-    "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
-
-
-def peak_flops(device_name: str) -> Optional[float]:
-    """The bf16 peak of a GPU named like torch.cuda.get_device_name(), or None if unknown."""
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific name first
-        if key in device_name:
-            return PEAK_FLOPS[key]
-    return None
-
-
-def _matmul_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the fastest n x n x n matrix product on this CPU, fp32 or bf16, whichever is faster:
-    the peak that CPU MFU is measured against (no datasheet figure holds for every CPU and thread
-    count). bf16 is timed in full only where a small probe shows it beating fp32 (AMX, AVX512-BF16);
-    elsewhere it is emulated and far slower."""
-    peak = _matmul_rate(torch.float32, n, repeats)
-    if _matmul_rate(torch.bfloat16, 256, 1) > peak / 4:
-        peak = max(peak, _matmul_rate(torch.bfloat16, n, repeats))
-    return peak
-
-
-PRESETS: dict[str, dict] = {
-    # TinyLlama 1.1B (arXiv 2401.02385): exactly 1,100,048,384 parameters.
-    "tinyllama-1.1b": dict(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-    ),
-    # About 12M parameters: trains on two CPU cores in minutes.
-    "tiny": dict(
-        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-    ),
-    # Under 1M parameters: a few dozen steps in seconds, for tests.
-    "ci": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    ),
-}
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (hidden @ weight.T) against targets, ``chunk`` rows at a time.
-
-    Each chunk's gradients are computed in the forward pass (the loss is a scalar mean, so
-    d loss / d logits = (softmax - onehot) / N is known then), so only one chunk of fp32 logits
-    ever exists, instead of N x vocab for the whole batch, and nothing is recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        n = hidden.size(0)
-        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
-            hidden.device.type) else hidden.dtype
-        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk):
-            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
-            logits = (h_c @ w.T).float()  # (chunk, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
-            probs = torch.exp(logits - lse[:, None])
-            probs[torch.arange(t_c.numel(), device=probs.device), t_c] -= 1.0
-            probs /= n  # d mean-loss / d logits
-            grad_hidden[start:start + chunk] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
-            grad_weight += (probs.to(compute_dtype).T @ h_c).float()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None
 
 
 class RMSNorm(nn.Module):
@@ -226,35 +170,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-@functools.cache
-def _flash_attn_func():
-    """flash-attn's kernel when the package is installed, else None (looked up once per process)."""
-    try:
-        from flash_attn import flash_attn_func
-    except Exception:  # not installed, or built for another torch/CUDA
-        return None
-    return flash_attn_func
-
-
-# Attention backends a recipe can name (model.attention). "sdpa-<kernel>" pins PyTorch's
-# scaled_dot_product_attention to one kernel for the training forward (a failure to run it is an
-# error, not a silent fallback); plain "sdpa" lets PyTorch choose.
-SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
-# CUDA-only kernels, which may also not take grouped KV heads (they are given one K/V copy per head).
-_CUDA_SDPA_KERNELS = ("sdpa-cudnn", "sdpa-efficient")
-ATTENTION_BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash-attn")
-
-
-_logged_backends: set[str] = set()
-
-
-def _note_backend(name: str) -> None:
-    if name not in _logged_backends and not torch.compiler.is_compiling():
-        _logged_backends.add(name)
-        log.info("attention backend: %s", name)
 
 
 class KVCache(nn.Module):
@@ -286,16 +201,10 @@ class LlamaAttention(nn.Module):
         self.set_backend("auto")
 
     def set_backend(self, backend: str) -> None:
-        """One of ATTENTION_BACKENDS (see Llama.set_attention_backend)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
-        self.backend = backend
+        """One of attention.BACKENDS (see Llama.set_attention_backend)."""
         # Resolved here, not per call: the compiled forward then only reads attributes.
-        self.flash_fn = _flash_attn_func() if backend in ("auto", "flash-attn") else None
-        if backend == "flash-attn" and self.flash_fn is None:
-            raise UnsupportedError("attention backend 'flash-attn' asked for, but the flash-attn package is not importable "
-                               "(pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
-        self.sdpa_kernels = [SDPA_KERNELS[backend]] if backend in SDPA_KERNELS else None
+        self.kernel = attention.Kernel(backend, self.n_head, self.n_kv)
+        self.backend, self.flash_fn, self.sdpa_kernels = backend, self.kernel.flash_fn, self.kernel.sdpa_kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -306,51 +215,13 @@ class LlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
-            y = self._sdpa(q, k, v, causal_offset=pos)
-        elif self._use_flash(q):
-            _note_backend("flash-attn")
-            # flash-attn takes (B, T, heads, hd) and handles grouped KV heads natively.
-            y = self.flash_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+            y = attention.after_cache(q, k, v, pos)
         else:
-            _note_backend(self.backend if self.sdpa_kernels else "sdpa")
-            y = self._sdpa(q, k, v, causal_offset=0)
+            y = self.kernel.causal(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d)
         return self.o_proj(y)
-
-    def _use_flash(self, q: torch.Tensor) -> bool:
-        if self.flash_fn is None:
-            return False
-        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-            if self.backend == "flash-attn":
-                raise UnsupportedError(f"attention backend 'flash-attn' needs CUDA tensors in bf16 or fp16, got "
-                                   f"{q.device.type} {q.dtype}; use 'sdpa' or 'auto'")
-            return False
-        return True
-
-    def _sdpa(self, q, k, v, causal_offset: int) -> torch.Tensor:
-        # enable_gqa lets each group of query heads read its KV head without copying K and V.
-        gqa = self.n_kv != self.n_head
-        T, S = q.size(2), k.size(2)
-        if causal_offset == 0 and T == S:
-            if self.sdpa_kernels is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            if self.backend in _CUDA_SDPA_KERNELS:
-                if not q.is_cuda:
-                    raise UnsupportedError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} "
-                                       "use 'sdpa', 'sdpa-flash' or 'sdpa-math'")
-                if gqa:  # give each query head its own copy of its K and V
-                    rep = self.n_head // self.n_kv
-                    k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
-            with sdpa_kernel(self.sdpa_kernels):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if T == 1:  # one new token attends to everything cached
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        # A chunk of T new tokens after causal_offset cached ones.
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=causal_offset)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class LlamaMLP(nn.Module):
@@ -421,14 +292,12 @@ class Llama(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor], assign: bool = False) -> None:
         """Load a full set of weights (strict). With tied embeddings the head may be absent."""
-        if self.config.tie_word_embeddings:
-            weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
-        self.load_state_dict(weights, strict=True, assign=assign)
+        self.load_state_dict(with_tied_head(weights, self.config), strict=True, assign=assign)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # assign=True would have untied them
 
     def set_attention_backend(self, backend: str) -> None:
-        """"auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" (PyTorch picks the kernel),
+        """One of attention.BACKENDS: "auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" (PyTorch picks the kernel),
         "sdpa-flash" / "sdpa-cudnn" / "sdpa-efficient" / "sdpa-math" (one SDPA kernel, forced) or
         "flash-attn". Decoding with KV caches always uses SDPA's own choice."""
         for block in self.layers:
@@ -462,11 +331,7 @@ class Llama(nn.Module):
 
     def logits_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits x @ weight.T against targets: the part ``compile_loss`` compiles."""
-        if self.loss_chunk_size > 0:
-            # (B, T, d) -> (B T, d): never materialises (B T, V) fp32 logits
-            return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), self.loss_chunk_size)
-        logits = F.linear(x, weight)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss.logits_loss(x, weight, targets, self.loss_chunk_size)
 
     def setup_kv_caches(self, batch: int, length: Optional[int] = None, dtype=None) -> None:
         length = length or self.config.max_position_embeddings
@@ -479,3 +344,11 @@ class Llama(nn.Module):
     def clear_kv_caches(self) -> None:
         for block in self.layers:
             block.self_attn.kv_cache = None
+
+
+def with_tied_head(weights: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """A full state dict from a set of weights: with tied embeddings the head is the embedding
+    (checkpoints and HF folders may leave it out; state dicts list it under both names)."""
+    if config.tie_word_embeddings and "lm_head.weight" not in weights:
+        return {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
+    return weights

@@ -7,15 +7,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from tinytrain.errors import UnsupportedError
+from tinytrain.errors import ConfigError, UnsupportedError
 from tinytrain.model import Llama
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Switches:
+    """The speed switches of a recipe (model.attention, model.compile, ...), in one typed object
+    from the recipe to the model. None changes the math beyond rounding, except float8."""
+
+    attention: str = "auto"
+    """"auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" (PyTorch chooses the
+    kernel), "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math" (that kernel only), "flash-attn"."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward, to save memory."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    compile_loss: bool = False
+    """torch.compile the output head and cross-entropy."""
+    loss_chunk_size: int = 0
+    """> 0 computes the loss this many tokens at a time, never holding fp32 logits for the whole micro-batch."""
+    float8: bool = False
+    """Experimental: float8 matmuls in the blocks' linear layers (torchao; compute capability 8.9+)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_size < 0:
+            raise ConfigError(f"model.loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
 
 
 def apply_activation_checkpointing(model: Llama) -> None:
@@ -128,32 +153,54 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
             model.set_reshard_after_backward(enabled)
 
 
-def prepare(model: Llama, *, attention: str = "auto", loss_chunk_size: int = 0, float8: bool = False,
-            activation_checkpointing: bool = False, compile: bool = False, compile_loss: bool = False,
-            device: Optional[torch.device] = None) -> None:
+def prepare(model: Llama, switches: Switches = Switches(), device: Optional[torch.device] = None) -> None:
     """Apply the recipe's speed switches to an unsharded model, in the order they compose."""
-    model.set_attention_backend(attention)
-    model.loss_chunk_size = loss_chunk_size
-    if float8:
+    model.set_attention_backend(switches.attention)
+    model.loss_chunk_size = switches.loss_chunk_size
+    if switches.float8:
         apply_float8(model, device)
-    if activation_checkpointing:
+    if switches.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if compile:
+    if switches.compile:
         apply_compile(model)
-    if compile_loss:
+    if switches.compile_loss:
         apply_compile_loss(model)
 
 
 def build_sharded(config, mesh, device: torch.device, param_dtype: Optional[torch.dtype] = None,
-                  gather_once_per_step: bool = True, **switches) -> Llama:
+                  gather_once_per_step: bool = True, switches: Switches = Switches()) -> Llama:
     """The model as FSDP2 training holds it: built on the meta device, switched (see ``prepare``),
     sharded over ``mesh``, then materialised on ``device`` with TinyLlama's initialisation (each
     rank initialises its own shards)."""
     with torch.device("meta"):
         model = Llama(config)
-    prepare(model, device=device, **switches)
+    prepare(model, switches, device)
     apply_fsdp(model, mesh, param_dtype, gather_once_per_step)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
+    return model
+
+
+def init_one_process_group(device: torch.device) -> bool:
+    """A process group of this process alone (NCCL on CUDA, else gloo), so FSDP2 runs outside a
+    launcher as it does under the Lightning strategy; False if one exists already."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    return True
+
+
+def build(config, switches: Switches = Switches(), device: Optional[torch.device] = None) -> Llama:
+    """The model on one device, switched (see ``prepare``)."""
+    model = Llama(config)
+    prepare(model, switches, device)
     return model

@@ -234,15 +234,15 @@ def measure(s: Setup, steps: int = 2, device: Optional[torch.device] = None, mes
     """Peak tensor bytes of ``steps`` real training steps of ``s`` on this process (one rank; with
     ``s.fsdp``, ``mesh`` is the FSDP mesh of an initialised process group, default one process)."""
     from tinytrain import parallel
-    from tinytrain.data import transit_dtype
-    from tinytrain.lit import OptimConfig, adamw
+    from tinytrain.optim import OptimConfig, adamw
+    from tinytrain.order import transit_dtype
     from tinytrain.model import Llama
     from tinytrain.step import train_step
 
     device = device or torch.device("cpu")
     half = torch.bfloat16 if s.compute_bytes == 2 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if s.precision == "bf16-mixed" else contextlib.nullcontext()
-    switches = dict(activation_checkpointing=s.activation_checkpointing, loss_chunk_size=s.loss_chunk_size)
+    switches = parallel.Switches(activation_checkpointing=s.activation_checkpointing, loss_chunk_size=s.loss_chunk_size)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -253,13 +253,13 @@ def measure(s: Setup, steps: int = 2, device: Optional[torch.device] = None, mes
                 from torch.distributed.device_mesh import init_device_mesh
 
                 mesh = init_device_mesh(device.type, (1,))
-            model = parallel.build_sharded(s.config, mesh, device, half, s.gather_once_per_step, **switches)
+            model = parallel.build_sharded(s.config, mesh, device, half, s.gather_once_per_step, switches)
         else:
             with torch.device(device):
                 model = Llama(s.config)
             if s.precision.endswith("true") and half is not None:
                 model = model.to(half)
-            parallel.prepare(model, device=device, **switches)
+            parallel.prepare(model, switches, device)
         optimizer = adamw(model, OptimConfig(lr=1e-4, warmup_steps=0, fused=s.fused_adamw))
         dtype = getattr(torch, transit_dtype(s.config.vocab_size).name)
         batch = torch.randint(0, s.config.vocab_size, (s.accumulation, s.micro_batch, s.seq_len + 1), dtype=dtype,
@@ -275,8 +275,9 @@ def measure(s: Setup, steps: int = 2, device: Optional[torch.device] = None, mes
 def setup_from_recipe(argv: list[str], world_size: Optional[int]) -> tuple[Setup, list[str]]:
     """The Setup a recipe (with --key value overrides) trains with; notes on what was assumed."""
     from tinytrain.fitcli import TinyTrainCLI
-    from tinytrain.data import TokenData, grad_accumulation
+    from tinytrain.data import TokenData
     from tinytrain.lit import LitLlama
+    from tinytrain.order import grad_accumulation
     from tinytrain.strategy import register_strategy
 
     class RecipeOnly(TinyTrainCLI):
@@ -364,19 +365,11 @@ def main(argv: list[str]) -> None:
 
 @contextlib.contextmanager
 def _one_process_group(needed: bool, device: torch.device):
-    import torch.distributed as dist
+    from tinytrain.parallel import init_one_process_group
 
-    if not needed or dist.is_initialized():
-        yield
-        return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
+    made = needed and init_one_process_group(device)
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if made:
+            torch.distributed.destroy_process_group()

@@ -16,6 +16,11 @@ from tinytrain.errors import ConfigError
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
+def file_sha256(path: os.PathLike | str) -> str:
+    """A tokenizer's identity: the sha256 of its .model file (as manifests and checkpoints record it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 class Tokenizer:
     def __init__(self, path: os.PathLike | str) -> None:
         self.path = Path(path)
@@ -27,7 +32,7 @@ class Tokenizer:
             self.processor.LoadFromSerializedProto(self.proto)
         except Exception as e:
             raise ConfigError(f"{self.path}: not a sentencepiece model ({e})") from e
-        self.sha256 = hashlib.sha256(self.proto).hexdigest()
+        self.sha256 = hashlib.sha256(self.proto).hexdigest()  # file_sha256(path)
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,104 @@
+"""Causal attention kernels: PyTorch SDPA (with its choice of kernel, or one forced), or the
+flash-attn package. The model calls ``causal`` for a whole sequence and ``after_cache`` when
+decoding with a KV cache; which kernel runs is chosen once per backend (``Kernel``), so a
+compiled block only reads attributes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tinytrain.errors import ConfigError, UnsupportedError
+
+log = logging.getLogger(__name__)
+
+# Backends a recipe can name (model.attention). "sdpa-<kernel>" pins PyTorch's
+# scaled_dot_product_attention to one kernel for the training forward (a failure to run it is an
+# error, not a silent fallback); plain "sdpa" lets PyTorch choose.
+SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+# CUDA-only kernels, which may also not take grouped KV heads (they are given one K/V copy per head).
+CUDA_SDPA_KERNELS = ("sdpa-cudnn", "sdpa-efficient")
+BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash-attn")
+
+
+@functools.cache
+def flash_attn_func():
+    """flash-attn's kernel when the package is installed, else None (looked up once per process)."""
+    try:
+        from flash_attn import flash_attn_func as fn
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return fn
+
+
+_logged: set[str] = set()
+
+
+def _note(name: str) -> None:
+    if name not in _logged and not torch.compiler.is_compiling():
+        _logged.add(name)
+        log.info("attention backend: %s", name)
+
+
+class Kernel:
+    """The causal attention of one backend (see ``BACKENDS``) for n_head query heads sharing n_kv
+    key/value heads. Tensors are (B, heads, T, head_dim)."""
+
+    def __init__(self, backend: str, n_head: int, n_kv: int) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"attention backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.backend, self.n_head, self.n_kv = backend, n_head, n_kv
+        self.flash_fn = flash_attn_func() if backend in ("auto", "flash-attn") else None
+        if backend == "flash-attn" and self.flash_fn is None:
+            raise UnsupportedError("attention backend 'flash-attn' asked for, but the flash-attn package is not "
+                                   "importable (pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
+        self.sdpa_kernels = [SDPA_KERNELS[backend]] if backend in SDPA_KERNELS else None
+
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of every position to itself and the ones before it."""
+        if self._use_flash(q):
+            _note("flash-attn")
+            # flash-attn takes (B, T, heads, hd) and handles grouped KV heads natively.
+            return self.flash_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+        _note(self.backend if self.sdpa_kernels else "sdpa")
+        # enable_gqa lets each group of query heads read its KV head without copying K and V.
+        gqa = self.n_kv != self.n_head
+        if self.sdpa_kernels is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if self.backend in CUDA_SDPA_KERNELS:
+            if not q.is_cuda:
+                raise UnsupportedError(f"attention backend {self.backend!r} is a CUDA kernel; on {q.device.type} "
+                                       "use 'sdpa', 'sdpa-flash' or 'sdpa-math'")
+            if gqa:  # give each query head its own copy of its K and V
+                rep = self.n_head // self.n_kv
+                k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+        with sdpa_kernel(self.sdpa_kernels):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    def _use_flash(self, q: torch.Tensor) -> bool:
+        if self.flash_fn is None:
+            return False
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            if self.backend == "flash-attn":
+                raise UnsupportedError(f"attention backend 'flash-attn' needs CUDA tensors in bf16 or fp16, got "
+                                       f"{q.device.type} {q.dtype}; use 'sdpa' or 'auto'")
+            return False
+        return True
+
+
+def after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+    """T new queries after ``offset`` cached positions, attending to the S = offset + T keys in
+    (k, v). Decoding always uses SDPA's own choice of kernel."""
+    gqa = k.size(1) != q.size(1)
+    T, S = q.size(2), k.size(2)
+    if offset == 0 and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if T == 1:  # one new token attends to everything cached
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

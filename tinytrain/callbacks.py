@@ -1,0 +1,224 @@
+"""The Lightning side of checkpoints: the periodic, atomic save with `last` and pruning, the save
+and requeue on SIGUSR1, and the resolved recipe kept beside every checkpoint. The layout and
+everything that reads checkpoints (without Lightning) is tinytrain.checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import SaveConfigCallback
+
+from tinytrain import preemption
+from tinytrain.checkpoint import (CONFIG, META, MODEL_CONFIG, STATE, TOKENIZER, damage, environment, point_last,
+                                  set_aside, step_dirs)
+from tinytrain.errors import CheckpointError, ConfigError
+from tinytrain.fsutil import fsync_dir, fsync_tree
+
+log = logging.getLogger(__name__)
+
+
+class ConfigSaver(SaveConfigCallback):
+    """Saves config.yaml in the log folder (as Lightning does) and keeps the text for checkpoints."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.config_text = self.parser.dump(self.config, skip_none=False)
+        super().setup(trainer, pl_module, stage)
+
+
+class Checkpointing(Callback):
+    def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
+                 resume: bool = True, save_on_signal: bool = True, signal_check_every_n_steps: int = 5) -> None:
+        """Periodic, atomic checkpoints, automatic resume, and checkpoint-and-requeue on SIGUSR1.
+
+        Args:
+            dirpath: Checkpoint folder; default ``<trainer.default_root_dir>/checkpoints``.
+            every_n_steps: Save after every this many optimizer steps (and always at the end).
+            keep_last: Keep this many newest checkpoints; older ones are deleted. 0 keeps all.
+            resume: On start, continue from the newest complete checkpoint in dirpath, if any.
+            save_on_signal: On SIGUSR1 (SLURM's warning before a time limit or preemption), finish
+                the current step, save a checkpoint, requeue the SLURM job (when in one) and stop.
+            signal_check_every_n_steps: With several processes, the ranks agree on whether a
+                SIGUSR1 arrived every this many steps (a collective and a host sync each time), so
+                the warning must cover this many steps plus a save. One process checks every step.
+        """
+        if every_n_steps <= 0:
+            raise ConfigError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
+        if keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last must be >= 0, got {keep_last}")
+        if signal_check_every_n_steps <= 0:
+            raise ConfigError(f"checkpoint.signal_check_every_n_steps must be positive, got {signal_check_every_n_steps}")
+        self.dirpath = Path(dirpath).expanduser() if dirpath else None
+        self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
+        self.save_on_signal, self.signal_check_every_n_steps = save_on_signal, signal_check_every_n_steps
+        self._last_saved_step: Optional[int] = None
+        self.busy_seconds = 0.0  # spent saving: not training time (tinytrain.monitor leaves it out)
+        self.lock = None  # the run folder's lock, held by global rank 0 (set by `tinytrain fit`)
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
+
+    # --- preemption ----------------------------------------------------------------------------
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.save_on_signal:
+            preemption.install()  # `tinytrain fit` did at start; a Trainer built in Python may not have
+        else:
+            preemption.uninstall()
+
+    def _stop_requested(self, trainer: L.Trainer, force_check: bool = False) -> bool:
+        if not self.save_on_signal:
+            return False
+        if trainer.world_size == 1:
+            return preemption.requested()
+        if not force_check and trainer.global_step % self.signal_check_every_n_steps:
+            return False
+        return trainer.strategy.reduce_boolean_decision(preemption.requested(), all=False)  # any rank signalled
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._stop_requested(trainer, force_check=True):
+            # Signalled while the model was built, compiled or restored: nothing new to save.
+            log.info("SIGUSR1 before the first step: stopping at step %d without training", trainer.global_step)
+            self._stop_for_preemption(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self._stop_requested(trainer)
+        if trainer.global_step % self.every_n_steps == 0 or stop:
+            self.save(trainer)
+        if stop:
+            log.info("SIGUSR1: saved step %d; stopping", trainer.global_step)
+            self._stop_for_preemption(trainer)
+
+    def _stop_for_preemption(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            requeue_slurm_job()
+        trainer.should_stop = True
+
+    def save(self, trainer: L.Trainer) -> Optional[Path]:
+        started = time.perf_counter()
+        try:
+            return self._save(trainer)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
+    def _save(self, trainer: L.Trainer) -> Optional[Path]:
+        step = trainer.global_step
+        folder = self.folder(trainer)
+        final = folder / f"step-{step:08d}"
+        if step == self._last_saved_step or (step == 0):
+            return None
+        if final.exists() and damage(final) is None:
+            # This run's own checkpoint of this step, already complete (a resumed run that ends, or
+            # is preempted, where it started): the state is the same, so nothing is written again.
+            if trainer.is_global_zero:
+                point_last(folder, final)
+            trainer.strategy.barrier("tinytrain.checkpoint.exists")
+            self._last_saved_step = step
+            return final
+        tmp = folder / f".tmp-step-{step:08d}"
+        if trainer.is_global_zero:
+            if self.lock is not None:
+                self.lock.check()  # never write into a run folder another process has taken over
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        trainer.strategy.barrier("tinytrain.checkpoint.mkdir")
+        started = time.perf_counter()
+        try:
+            trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
+            if trainer.is_global_zero:
+                self._write_sidecars(trainer, tmp, step, time.perf_counter() - started)
+        except OSError as e:
+            if trainer.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = folder / "last"
+            previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
+            raise CheckpointError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
+        if trainer.is_global_zero:
+            if final.exists():  # damaged (checked above): kept aside, never deleted
+                set_aside(final, damage(final) or "replaced")
+            fsync_tree(tmp)
+            os.replace(tmp, final)
+            fsync_dir(folder)
+            point_last(folder, final)
+            self._prune(folder, final)
+            log.info("saved checkpoint %s", final)
+        trainer.strategy.barrier("tinytrain.checkpoint.done")
+        self._last_saved_step = step
+        return final
+
+    def _write_sidecars(self, trainer: L.Trainer, folder: Path, step: int, seconds: float) -> None:
+        module, dm = trainer.lightning_module, trainer.datamodule
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, ConfigSaver)), None)
+        if saver is not None and getattr(saver, "config_text", None):
+            (folder / CONFIG).write_text(saver.config_text)
+        config = getattr(module, "config", None)
+        if config is not None:
+            (folder / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        spec = dm.spec() if hasattr(dm, "spec") else None
+        if spec is not None and spec.tokenizer is not None:
+            shutil.copyfile(spec.tokenizer, folder / TOKENIZER)
+        meta = {
+            "step": step,
+            "tokens": dm.tokens_trained(step) if spec is not None else None,
+            "global_batch_size": spec.global_batch_size if spec is not None else None,
+            "seq_len": spec.seq_len if spec is not None else None,
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "strategy": type(trainer.strategy).__name__,
+            "precision": str(trainer.precision),
+            "save_seconds": round(seconds, 3),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": environment(),
+            # Every file with its size, so a truncated or partly copied checkpoint is recognised.
+            "files": {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()},
+        }
+        (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _prune(self, folder: Path, keep: Path) -> None:
+        """Delete intact checkpoints older than the newest ``keep_last`` intact ones (a damaged
+        folder never counts as one of those, so the newest intact one always stays)."""
+        if not self.keep_last:
+            return
+        intact = [path for _, path in step_dirs(folder) if damage(path) is None]
+        for path in intact[: max(0, len(intact) - self.keep_last)]:
+            if path.resolve() == keep.resolve():
+                continue
+            doomed = path.with_name(".del-" + path.name)
+            os.replace(path, doomed)  # never leave a half-deleted step-N behind
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (it restarts with the same command and resumes)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not requeue SLURM job %s: %s", job, e)
+        return False
+    if result.returncode:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job)
+    return True
+
+

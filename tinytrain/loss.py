@@ -1,0 +1,52 @@
+"""Next-token cross-entropy from the last hidden states: plain, or a chunk of tokens at a time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (hidden @ weight.T) against targets, ``chunk`` rows at a time.
+
+    Each chunk's gradients are computed in the forward pass (the loss is a scalar mean, so
+    d loss / d logits = (softmax - onehot) / N is known then), so only one chunk of fp32 logits
+    ever exists, instead of N x vocab for the whole batch, and nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = hidden.size(0)
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
+            hidden.device.type) else hidden.dtype
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
+            logits = (h_c @ w.T).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            probs = torch.exp(logits - lse[:, None])
+            probs[torch.arange(t_c.numel(), device=probs.device), t_c] -= 1.0
+            probs /= n  # d mean-loss / d logits
+            grad_hidden[start:start + chunk] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
+            grad_weight += (probs.to(compute_dtype).T @ h_c).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+
+
+def logits_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of the logits x @ weight.T (x: (B, T, d)) against targets (B, T). With
+    ``chunk`` > 0, never holds fp32 logits for more than ``chunk`` tokens."""
+    if chunk > 0:
+        # (B, T, d) -> (B T, d): never materialises (B T, V) fp32 logits
+        return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), chunk)
+    logits = F.linear(x, weight)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
