@@ -108,7 +108,7 @@ def test_vocab_smaller_than_the_shards_is_refused(prepared, tmp_path):
     proc = run_tinytrain("fit", "--config", ci_args(prepared)[2], "--data.path", prepared,
                          "--model.config.vocab_size", "300", cwd=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "train-00000.bin: holds token id" in proc.stderr and "vocab_size is 300" in proc.stderr
+    assert "train-000000-00000.bin: holds token id" in proc.stderr and "vocab_size is 300" in proc.stderr
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
     assert tree_digest(prepared) == before
 

@@ -1,10 +1,11 @@
-"""Plain-text corpora (a folder of files) to prepared shards, and the embedded default corpus.
+"""A folder of text files as a prepared folder: the laptop path, and the embedded default corpus.
 
 The default corpus is the source of the running Python's standard library (about 14 MB of .py
 files, test suites left out): present on every machine, so the laptop recipe needs no download.
-Preparation trains a tokenizer on the corpus (unless one is given), tokenizes every file as one
-document with BOS in front, holds out a deterministic set of files for validation, and writes
-shards + manifest + the tokenizer into one folder, atomically.
+A folder of text files is a spec of one source for the one preparation pipeline (tinytrain.prep):
+each file one document with BOS in front, held out for validation by the pipeline's hash rule,
+tokenized with a given tokenizer or one trained on the corpus first. The prepared folder appears
+only when complete, so several processes (nodes) may prepare the same cached corpus at once.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import logging
 import os
 import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 from tinytrain import shards
 from tinytrain.errors import TinyTrainError
-from tinytrain.fsutil import atomic_folder
-from tinytrain.tokenizer import Tokenizer, train_tokenizer
+from tinytrain.prep import (PREP_VERSION, PrepError, PrepSpec, Source, is_validation, prepare, source_files,
+                            train_spec_tokenizer)
+from tinytrain.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1  # bump when the output of prepare_text_folder changes for the same input
-TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
-_SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+TEXT_SUFFIXES = [".py", ".txt", ".md", ".rst"]
+EXCLUDE_DIRS = ["site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"]
+TOKENIZER_LINES = 300_000  # lines sentencepiece trains a corpus's own tokenizer on
 
 
 class CorpusError(TinyTrainError, ValueError):
@@ -37,35 +40,77 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_corpus_files(folder: Path, suffixes=TEXT_SUFFIXES) -> list[Path]:
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TINYTRAIN_CACHE", Path.home() / ".cache" / "tinytrain"))
+
+
+def corpus_source(folder: Path, name: str = "corpus") -> Source:
+    """The spec source of a folder of text files: every .py, .txt, .md and .rst file is one document."""
+    return Source(name=name, path=str(folder), text_suffixes=TEXT_SUFFIXES, exclude_dirs=EXCLUDE_DIRS)
+
+
+def list_corpus_files(folder: Path) -> list[Path]:
     """The corpus's text files in a fixed order; errors name the folder and what was expected."""
     folder = Path(folder)
     if not folder.exists():
         raise CorpusError(f"corpus folder {folder} does not exist")
     if not folder.is_dir():
-        raise CorpusError(f"corpus path {folder} is not a folder (expected a folder of {', '.join(suffixes)} files)")
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix in suffixes and p.is_file() and not _SKIP_PARTS & set(p.relative_to(folder).parts[:-1])
-    )
-    if not files:
-        raise CorpusError(f"corpus folder {folder} holds no text files (looked for {', '.join(suffixes)})")
-    return files
+        raise CorpusError(f"corpus path {folder} is not a folder (expected a folder of {', '.join(TEXT_SUFFIXES)} files)")
+    try:
+        return source_files(corpus_source(folder))[1]
+    except PrepError:
+        raise CorpusError(f"corpus folder {folder} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})") from None
 
 
 def read_documents(files: list[Path]) -> Iterator[tuple[Path, str]]:
-    """(path, text) of every readable UTF-8 file with some non-blank text; others are skipped and counted."""
-    skipped = 0
+    """(path, text) of every readable UTF-8 file with some non-blank text."""
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
-            skipped += 1
             continue
         if text.strip():
             yield path, text
-    if skipped:
-        log.warning("skipped %d unreadable or non-UTF-8 files", skipped)
+
+
+def prepare_text_folder(corpus: Path, out: Path, vocab_size: int, tokenizer: Optional[Path] = None,
+                        val_fraction: float = 0.02) -> Path:
+    """Prepare ``corpus`` into ``out`` (shards, manifest.json, tokenizer.model); return ``out``.
+
+    The folder appears only when complete; an existing ``out`` is never replaced."""
+    corpus, out = Path(corpus), Path(out)
+    files = list_corpus_files(corpus)
+    readable = [path for path, _ in read_documents(files)]
+    if not readable:
+        raise CorpusError(f"corpus folder {corpus}: none of its {len(files)} files holds readable UTF-8 text")
+    held = sum(is_validation(path.relative_to(corpus).as_posix(), val_fraction) for path in readable)
+    if not held or held == len(readable):
+        raise CorpusError(f"corpus folder {corpus}: {len(readable)} documents are too few to hold out a validation "
+                          f"split (val_fraction={val_fraction}); add files or raise val_fraction")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        spec = PrepSpec(out=str(work), tokenizer=str(work / "tokenizer.model"), sources=[corpus_source(corpus, out.name)],
+                        val_fraction=val_fraction, bos=True, eos=False)
+        if tokenizer is None:
+            log.info("training a %d-piece BPE tokenizer on %s", vocab_size, corpus)
+            tok = train_spec_tokenizer(spec, work / "tokenizer.model", vocab_size, len(readable), TOKENIZER_LINES)
+        else:
+            shutil.copyfile(tokenizer, work / "tokenizer.model")
+            tok = Tokenizer(work / "tokenizer.model")
+        if tok.vocab_size > vocab_size:
+            raise CorpusError(f"tokenizer {tokenizer or 'trained'} has {tok.vocab_size} pieces, more than "
+                              f"vocab_size={vocab_size}")
+        log.info("tokenizing %d documents of %s", len(readable), corpus)
+        prepare(spec, show_progress=False)
+        if out.exists():  # made meanwhile by another process: keep theirs
+            return out
+        os.replace(work / out.name, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def corpus_fingerprint(folder: Path, files: list[Path]) -> str:
@@ -75,64 +120,6 @@ def corpus_fingerprint(folder: Path, files: list[Path]) -> str:
         st = p.stat()
         h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def is_validation(key: str, val_fraction: float) -> bool:
-    """Deterministic held-out choice by a hash of a document's key (its path inside the corpus, or
-    file and line), so it depends neither on the order of reading nor on the number of workers."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "little") / 2**64
-    return bucket < val_fraction
-
-
-def prepare_text_folder(
-    corpus: Path,
-    out: Path,
-    vocab_size: int,
-    tokenizer: Optional[Path] = None,
-    val_fraction: float = 0.02,
-    shard_tokens: int = 1 << 24,
-) -> Path:
-    """Prepare ``corpus`` into ``out`` (shards, manifest.json, tokenizer.model); return ``out``.
-
-    The folder appears only when complete; an existing ``out`` is never replaced.
-    """
-    corpus, out = Path(corpus), Path(out)
-    files = list_corpus_files(corpus)
-    docs = list(read_documents(files))
-    if not docs:
-        raise CorpusError(f"corpus folder {corpus}: none of its {len(files)} files holds readable UTF-8 text")
-    with atomic_folder(out) as tmp:
-        tok_path = tmp / "tokenizer.model"
-        if tokenizer is None:
-            log.info("training a %d-piece BPE tokenizer on %s", vocab_size, corpus)
-            lines = (line for _, text in docs for line in text.split("\n") if line.strip())
-            tok = train_tokenizer(lines, tok_path, vocab_size)
-        else:
-            shutil.copyfile(tokenizer, tok_path)
-            tok = Tokenizer(tok_path)
-        if tok.vocab_size > vocab_size:
-            raise CorpusError(f"tokenizer {tokenizer or tok_path} has {tok.vocab_size} pieces, more than vocab_size={vocab_size}")
-
-        train, val = [], []
-        for path, text in docs:
-            rel = path.relative_to(corpus).as_posix()
-            (val if is_validation(rel, val_fraction) else train).append(text)
-        if not val or not train:
-            raise CorpusError(
-                f"corpus folder {corpus}: {len(docs)} documents are too few to hold out a validation split "
-                f"(val_fraction={val_fraction}); add files or raise val_fraction"
-            )
-        log.info("tokenizing %d documents (%d held out for validation)", len(docs), len(val))
-        shards.documents_to_shards(
-            tmp,
-            {"train": (tok.encode(t, bos=True) for t in train), "val": (tok.encode(t, bos=True) for t in val)},
-            vocab_size=tok.vocab_size,
-            tokenizer=tok.describe(),
-            settings={"source": str(corpus), "bos": True, "eos": False, "val_fraction": val_fraction,
-                      "prep_version": PREP_VERSION},
-            shard_tokens=shard_tokens,
-        )
-    return out
 
 
 def cached_prepare_path(corpus: Optional[Path], cache_dir: Path, vocab_size: int, val_fraction: float = 0.02) -> Path:
@@ -156,7 +143,3 @@ def cached_prepare(corpus: Optional[Path], cache_dir: Path, vocab_size: int, val
         except FileExistsError:  # another process (another node) finished it first
             pass
     return out
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TINYTRAIN_CACHE", Path.home() / ".cache" / "tinytrain"))

@@ -38,6 +38,7 @@ HEADER = struct.Struct("<8sIIQ8x")  # 32 bytes
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "tinytrain-shards"
 MANIFEST_VERSION = 1
+SHARD_TOKENS = 1 << 26  # the largest shard, in tokens: 128 MiB at uint16
 
 
 class ShardError(TinyTrainError, ValueError):
@@ -131,7 +132,7 @@ class ShardWriter:
     folder without one.
     """
 
-    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int = 1 << 26) -> None:
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS) -> None:
         self.folder, self.prefix, self.dtype, self.shard_tokens = Path(folder), prefix, np.dtype(dtype), shard_tokens
         self.folder.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict] = []
@@ -325,7 +326,7 @@ def documents_to_shards(
     vocab_size: int,
     tokenizer: dict,
     settings: dict,
-    shard_tokens: int = 1 << 26,
+    shard_tokens: int = SHARD_TOKENS,
 ) -> Path:
     """Write token documents of each split as shards plus a manifest; return the manifest path."""
     dtype = dtype_for_vocab(vocab_size)

@@ -1,181 +1,44 @@
-"""Corpus preparation at scale: a YAML spec of sources -> one prepared folder per source.
+"""The pipeline: a spec's sources cut into units, each unit tokenized into shards (in worker
+processes), the units joined into one prepared folder per source with its manifest.
 
-    tinytrain prepare --config data_prep/tinyllama.yaml [--workers 64 --out /data/tinyllama ...]
-
-Each source (a local folder of jsonl / jsonl.zst / jsonl.gz / parquet / txt files, or a dataset
-on the Hugging Face Hub, streamed with `datasets`) becomes ``<out>/<name>/``: shards, the
-tokenizer, and a manifest with documents, tokens, checksums, settings and a per-file report of
-what was skipped. The work is cut into units (consecutive input files up to ``unit_bytes``, or
-one shard of a hub dataset), and a unit's output depends on nothing but its input and the
-settings, so:
-
-- N worker processes produce byte-identical folders whatever N is;
-- a finished unit is recorded in ``<out>/<name>/.prep/`` the moment its shards are on disk, and an
-  interrupted run (killed, preempted, disk full) verifies those and does only the rest;
-- the held-out validation documents are chosen by a hash of (file, line), not by position in a
-  worker's queue.
-
-Documents are tokenized one by one (BOS in front by default, as in TinyLlama's published run;
-EOS optional; both recorded in the manifest) and concatenated, never padded.
-
-Reading: jsonl is parsed here, line by line, so a malformed line or a non-UTF-8 byte costs that
-line only (`datasets`' JSON reader rejects the whole file); parquet is read by row group with
-pyarrow (the columnar library `datasets` is built on), loading only the columns the spec needs;
-hub datasets go through `datasets.load_dataset(..., streaming=True)`, one unit per shard.
+A unit's output depends on nothing but its input and the settings, so N worker processes give
+byte-identical folders whatever N is, and a finished unit is recorded in ``<out>/<name>/.prep/``
+the moment its shards are on disk: an interrupted run (killed, preempted, disk full) verifies
+those and does only the rest.
 """
 
 from __future__ import annotations
 
 import errno
-import gzip
-import io
+import functools
 import itertools
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
-import re
 import shutil
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from tinytrain import shards
-from tinytrain.errors import TinyTrainError
-from tinytrain.corpus import is_validation
+from tinytrain.prep.readers import COUNTERS, FileReport, file_format, unit_documents
+from tinytrain.prep.spec import PREP_VERSION, Filter, PrepError, PrepSpec, Source, check_sources, check_spec, is_validation
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1  # bump when the output for the same input and settings changes
-WORK = ".prep"    # per-source folder of the plan and finished-unit records while preparing
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.zst": "jsonl", ".json.zst": "jsonl",
-           ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet", ".txt": "text"}
-COUNTERS = ("documents", "malformed_json", "non_utf8", "missing_field", "empty", "filtered")
-
-
-class PrepError(TinyTrainError, ValueError):
-    """A spec, an input or an output folder that preparation cannot go on with."""
-
-
-# --- the spec ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Filter:
-    """Keep or drop documents by the value of one field."""
-
-    field: str
-    """Dotted path of the field in each record, e.g. meta.redpajama_set_name."""
-    drop: list[str] = field(default_factory=list)
-    """Drop documents whose value is one of these."""
-    keep: list[str] = field(default_factory=list)
-    """When not empty, keep only documents whose value is one of these."""
-
-    def passes(self, record: dict) -> bool:
-        value = lookup(record, self.field)
-        value = None if value is None else str(value)
-        return value not in self.drop and (not self.keep or value in self.keep)
-
-
-@dataclass
-class Source:
-    """One corpus; it becomes the prepared folder <out>/<name>."""
-
-    name: str
-    """Folder name of the prepared source (letters, digits, '.', '_', '-')."""
-    path: Optional[str] = None
-    """A local file, folder (searched recursively) or glob of jsonl[.zst|.gz], parquet or txt files."""
-    hub: Optional[str] = None
-    """Instead of path: a dataset name on the Hugging Face Hub (or a local dataset folder), streamed."""
-    hub_config: Optional[str] = None
-    """The hub dataset's configuration name, if it has several."""
-    split: str = "train"
-    """The hub dataset's split to read."""
-    text_field: str = "text"
-    """Dotted path of the document text in each record (e.g. content for StarCoderData); txt files
-    are one document per file."""
-    filters: list[Filter] = field(default_factory=list)
-    """Every filter must pass for a document to be kept."""
-    val_fraction: Optional[float] = None
-    """Share of documents held out for validation (default: the spec's val_fraction)."""
-
-
-@dataclass
-class PrepSpec:
-    """What `tinytrain prepare --config` reads; every key can be overridden on the command line."""
-
-    out: str
-    """Folder that receives one prepared folder per source."""
-    tokenizer: str
-    """The sentencepiece .model to tokenize with (e.g. Llama-2's tokenizer.model)."""
-    sources: list[Source]
-    """The corpora to prepare."""
-    workers: int = 1
-    """Worker processes; the output is identical for any number."""
-    bos: bool = True
-    """Put BOS in front of every document (TinyLlama's published convention)."""
-    eos: bool = False
-    """Put EOS after every document."""
-    val_fraction: float = 0.001
-    """Share of each source's documents held out for validation, chosen by a hash of (file, line)."""
-    shard_tokens: int = 1 << 26
-    """Largest shard, in tokens (64 Mi tokens = 128 MiB at uint16)."""
-    unit_bytes: int = 1 << 28
-    """Input bytes per unit of work: consecutive files are grouped up to this size."""
-    strict: bool = False
-    """Stop at the first malformed record instead of counting and skipping it."""
-
-
-def lookup(record: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        if not isinstance(record, dict) or key not in record:
-            return None
-        record = record[key]
-    return record
-
-
-def check_sources(spec: PrepSpec) -> None:
-    if not spec.sources:
-        raise PrepError("the spec lists no sources")
-    names = [s.name for s in spec.sources]
-    if len(set(names)) != len(names):
-        raise PrepError(f"source names must be distinct, got {names}")
-    for s in spec.sources:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or s.name in (".", ".."):
-            raise PrepError(f"source name {s.name!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
-        if (s.path is None) == (s.hub is None):
-            raise PrepError(f"source {s.name!r}: give exactly one of 'path' (local files) or 'hub' (a dataset name)")
-        frac = spec.val_fraction if s.val_fraction is None else s.val_fraction
-        if not 0 <= frac < 1:
-            raise PrepError(f"source {s.name!r}: val_fraction must be in [0, 1), got {frac}")
-
-
-def check_spec(spec: PrepSpec) -> None:
-    check_sources(spec)
-    for key in ("workers", "shard_tokens", "unit_bytes"):
-        if getattr(spec, key) <= 0:
-            raise PrepError(f"{key} must be positive, got {getattr(spec, key)}")
-    if not Path(spec.tokenizer).expanduser().is_file():
-        raise PrepError(f"tokenizer {spec.tokenizer}: file not found (expected a sentencepiece .model)")
+WORK = ".prep"  # per-source folder of the plan and finished-unit records while preparing
 
 
 # --- units of work ----------------------------------------------------------------------------
-
-
-def file_format(path: Path) -> Optional[str]:
-    name = path.name.lower()
-    for suffix in sorted(FORMATS, key=len, reverse=True):
-        if name.endswith(suffix):
-            return FORMATS[suffix]
-    return None
 
 
 def source_files(source: Source) -> tuple[Path, list[Path]]:
@@ -194,9 +57,12 @@ def source_files(source: Source) -> tuple[Path, list[Path]]:
             raise PrepError(f"source {source.name!r}: path {root} does not exist")
         candidates = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
         root = root.parent if root.is_file() else root
-    files = sorted((p for p in candidates if file_format(p)), key=lambda p: p.relative_to(root).as_posix())
+    excluded = set(source.exclude_dirs)
+    files = sorted((p for p in candidates if file_format(p, source.text_suffixes)
+                    and not excluded & set(p.relative_to(root).parts[:-1])), key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise PrepError(f"source {source.name!r}: no jsonl, jsonl.zst, jsonl.gz, parquet or txt files under {raw}")
+        kinds = ", ".join(["jsonl", "jsonl.zst", "jsonl.gz", "parquet", *(s.lstrip(".") for s in source.text_suffixes)])
+        raise PrepError(f"source {source.name!r}: no {kinds} files under {raw}")
     return root, files
 
 
@@ -236,185 +102,10 @@ def plan_for(source: Source, spec: PrepSpec, tokenizer: Tokenizer) -> dict:
 def settings_for(source: Source, spec: PrepSpec) -> dict:
     return {"bos": spec.bos, "eos": spec.eos, "concatenated": True, "padding": False,
             "val_fraction": spec.val_fraction if source.val_fraction is None else source.val_fraction,
-            "val_choice": "sha256(file \\0 line) < val_fraction", "shard_tokens": spec.shard_tokens,
-            "unit_bytes": spec.unit_bytes, "strict": spec.strict, "prep_version": PREP_VERSION}
+            "val_choice": "sha256(file \\0 line), or sha256(file) for a whole-file document, < val_fraction",
+            "shard_tokens": spec.shard_tokens, "unit_bytes": spec.unit_bytes, "strict": spec.strict,
+            "prep_version": PREP_VERSION}
 
-
-# --- reading records --------------------------------------------------------------------------
-
-
-class FileReport:
-    """Per-file counts of documents kept and records skipped, and the error that ended the file."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.counts = dict.fromkeys(COUNTERS, 0)
-        self.error: Optional[str] = None
-
-    def as_dict(self) -> dict:
-        return {"file": self.name, **self.counts, **({"error": self.error} if self.error else {})}
-
-
-def _skip(report: FileReport, what: str, where: str, strict: bool) -> None:
-    if strict:
-        raise PrepError(f"{where}: {what.replace('_', ' ')} (the spec says strict: true)")
-    report.counts[what] += 1
-
-
-class ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of every frame of a .zst file, in order. A file that ends inside a
-    frame (truncated, or partly copied) raises EOFError at its end, as gzip does; zstandard's own
-    stream reader would end there without a word."""
-
-    def __init__(self, path: Path) -> None:
-        import zstandard
-
-        self.path, self.file = path, open(path, "rb")
-        self.context = zstandard.ZstdDecompressor()
-        self.frame = None
-        self.out, self.at = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self.at == len(self.out):
-            chunk = self.file.read(1 << 20)
-            if not chunk:
-                if self.frame is not None and not self.frame.eof:
-                    raise EOFError(f"{self.path}: compressed file ended inside a zstd frame (truncated?)")
-                return 0
-            parts = []
-            while chunk:
-                if self.frame is None or self.frame.eof:  # a file may hold several frames, one after another
-                    self.frame = self.context.decompressobj()
-                parts.append(self.frame.decompress(chunk))
-                chunk = self.frame.unused_data if self.frame.eof else b""
-            self.out, self.at = b"".join(parts), 0
-        n = min(len(buffer), len(self.out) - self.at)
-        buffer[:n] = self.out[self.at:self.at + n]
-        self.at += n
-        return n
-
-    def close(self) -> None:
-        self.file.close()
-        super().close()
-
-
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    name = path.name.lower()
-    if name.endswith(".zst"):
-        return io.BufferedReader(ZstdFrames(path), buffer_size=1 << 20)
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb", buffering=1 << 20)
-
-
-def jsonl_records(path: Path, report: FileReport, strict: bool) -> Iterator[tuple[int, Any]]:
-    with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, 1):
-            if line_no == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the JSON
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                _skip(report, "non_utf8", f"{path}:{line_no}", strict)
-                continue
-            try:
-                record = json.loads(text)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict):
-                _skip(report, "malformed_json", f"{path}:{line_no}", strict)
-                continue
-            yield line_no, record
-
-
-def parquet_records(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=present):
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
-
-
-def text_records(path: Path, text_field: str, report: FileReport, strict: bool) -> Iterator[tuple[int, Any]]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        _skip(report, "non_utf8", str(path), strict)
-        return
-    record: dict = {}
-    node = record
-    keys = text_field.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = text
-    yield 1, record
-
-
-def unit_documents(source: Source, root: Optional[Path], unit: dict, strict: bool,
-                   reports: list[FileReport], on_file_done: Callable[[int], None]) -> Iterator[tuple[str, str]]:
-    """(hash key, text) of every kept document of a unit, in order; skipped records go to ``reports``."""
-    columns = sorted({source.text_field.split(".")[0], *(f.field.split(".")[0] for f in source.filters)})
-
-    def kept(report: FileReport, where: str, records: Iterator[tuple[int, Any]]) -> Iterator[tuple[str, str]]:
-        for index, record in records:
-            text = lookup(record, source.text_field)
-            if not isinstance(text, str):
-                _skip(report, "missing_field", f"{where}:{index}: no string field {source.text_field!r}", strict)
-                continue
-            if not text.strip():
-                report.counts["empty"] += 1
-                continue
-            if not all(f.passes(record) for f in source.filters):
-                report.counts["filtered"] += 1
-                continue
-            report.counts["documents"] += 1
-            yield f"{where}\0{index}", text
-
-    def guarded(report: FileReport, where: str, records: Callable[[], Iterator[tuple[int, Any]]],
-                nbytes: int) -> Iterator[tuple[str, str]]:
-        try:
-            yield from kept(report, where, records())
-        except PrepError:
-            raise
-        except Exception as e:  # unreadable, truncated, not what its suffix says: report it, go on
-            if strict:
-                raise PrepError(f"{where}: cannot be read ({type(e).__name__}: {e}) (the spec says strict: true)") from e
-            report.error = f"{type(e).__name__}: {e}"
-            log.warning("%s: skipped the rest: %s", where, report.error)
-        on_file_done(nbytes)
-
-    if "hub_shard" in unit:
-        def hub_records() -> Iterator[tuple[int, Any]]:
-            from datasets import load_dataset
-
-            ds = load_dataset(source.hub, source.hub_config, split=source.split, streaming=True)
-            return enumerate(ds.shard(num_shards=unit["hub_shards"], index=unit["hub_shard"]), 1)
-
-        report = FileReport(f"{source.hub}#shard{unit['hub_shard']}")
-        reports.append(report)
-        yield from guarded(report, report.name, hub_records, 0)
-        return
-    for entry in unit["files"]:
-        path = root / entry["file"]
-        report = FileReport(entry["file"])
-        reports.append(report)
-        fmt = file_format(path)
-        if fmt == "jsonl":
-            records = lambda: jsonl_records(path, report, strict)  # noqa: E731
-        elif fmt == "parquet":
-            records = lambda: parquet_records(path, columns)  # noqa: E731
-        else:
-            records = lambda: text_records(path, source.text_field, report, strict)  # noqa: E731
-        yield from guarded(report, entry["file"], records, entry["bytes"])
 
 
 # --- one unit ---------------------------------------------------------------------------------
@@ -428,16 +119,13 @@ def val_part_path(folder: Path, unit_id: int) -> Path:
     return folder / WORK / f"val-{unit_id:06d}.bin"
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
-
-
+@functools.cache
 def _tokenizer(path: str) -> Tokenizer:
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer(path)
-    return _TOKENIZERS[path]
+    """One loaded tokenizer per worker process, whatever the number of units it runs."""
+    return Tokenizer(path)
 
 
-_PROGRESS = None  # a queue to the parent process, set in each worker
+_PROGRESS = None  # a queue to the parent process, set in each worker by the pool's initializer
 
 
 def _init_worker(queue) -> None:
@@ -454,74 +142,59 @@ def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
     os._exit(1)
 
 
+class _Progress:
+    """Bytes, documents and tokens done since the last report, sent at most twice a second."""
+
+    def __init__(self, send: Optional[Callable[[tuple[int, int, int]], None]]) -> None:
+        self.send = send
+        self.nbytes = self.documents = self.tokens = 0
+        self.last = time.monotonic()
+
+    def add(self, nbytes: int = 0, documents: int = 0, tokens: int = 0, force: bool = False) -> None:
+        self.nbytes, self.documents, self.tokens = self.nbytes + nbytes, self.documents + documents, self.tokens + tokens
+        now = time.monotonic()
+        if self.send is not None and (force or now - self.last > 0.5):
+            self.send((self.nbytes, self.documents, self.tokens))
+            self.nbytes = self.documents = self.tokens = 0
+            self.last = now
+
+
 def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: bool,
-             progress: Optional[Callable[[int, int, int], None]] = None) -> dict:
+             progress: Optional[Callable[[tuple[int, int, int]], None]] = None) -> dict:
     """Tokenize one unit into its train shards and validation part; record it; return the record."""
     folder_p = Path(folder)
     source = Source(**{**plan["source"], "filters": [Filter(**f) for f in plan["source"]["filters"]]})
     settings = plan["settings"]
     tok = _tokenizer(tokenizer_path)
     dtype = shards.dtype_for_vocab(tok.vocab_size)
-    proc = tok.processor
-    bos, eos, frac, shard_tokens = settings["bos"], settings["eos"], settings["val_fraction"], settings["shard_tokens"]
     queue = _PROGRESS
-
-    pending = [0, 0, 0]  # bytes, documents, tokens not yet reported
-    last = [time.monotonic()]
-
-    def report_progress(force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - last[0] > 0.5:
-            if progress is not None:
-                progress(*pending)
-            elif queue is not None:
-                queue.put(tuple(pending))
-            pending[:] = [0, 0, 0]
-            last[0] = now
-
-    def file_done(nbytes: int) -> None:
-        pending[0] += nbytes
-        report_progress()
-
-    train = shards.ShardWriter(folder_p, f"train-{unit['id']:06d}", dtype, shard_tokens)
-    val: list[np.ndarray] = []  # the unit's held-out documents, joined across units at the end
+    report = _Progress(progress or (queue.put if queue is not None else None))
+    train = shards.ShardWriter(folder_p, f"train-{unit['id']:06d}", dtype, settings["shard_tokens"])
+    held_out: list[np.ndarray] = []  # the unit's validation documents, joined across units at the end
     reports: list[FileReport] = []
 
     def flat(documents: list[list[int]]) -> np.ndarray:
-        n = sum(map(len, documents))
-        return np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=n)
+        return np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=sum(map(len, documents)))
 
     root = Path(plan["root"]) if plan["root"] else None
-    batch_keys, batch_texts = [], []
-
-    def encode_batch() -> None:
-        encoded = proc.encode(batch_texts, add_bos=bos, add_eos=eos, num_threads=1)
-        held = [is_validation(key, frac) for key in batch_keys]
+    documents = unit_documents(source, root, unit, strict, reports, lambda nbytes: report.add(nbytes=nbytes))
+    while batch := list(itertools.islice(documents, 64)):
+        keys, texts = zip(*batch)
+        encoded = tok.processor.encode(list(texts), add_bos=settings["bos"], add_eos=settings["eos"], num_threads=1)
+        held = [is_validation(key, settings["val_fraction"]) for key in keys]
         train.add(flat([ids for ids, v in zip(encoded, held) if not v]), documents=len(held) - sum(held))
-        val.append(flat([ids for ids, v in zip(encoded, held) if v]))
-        pending[1] += len(batch_texts)
-        pending[2] += sum(map(len, encoded))
-        batch_keys.clear()
-        batch_texts.clear()
-        report_progress()
-
-    for key, text in unit_documents(source, root, unit, strict, reports, file_done):
-        batch_keys.append(key)
-        batch_texts.append(text)
-        if len(batch_texts) >= 64:
-            encode_batch()
-    if batch_texts:
-        encode_batch()
-    held_out = np.concatenate(val) if val else np.zeros(0, dtype)
+        held_out.append(flat([ids for ids, v in zip(encoded, held) if v]))
+        report.add(documents=len(texts), tokens=sum(map(len, encoded)))
+    held = np.concatenate(held_out) if held_out else np.zeros(0, dtype)
     try:
         entries = train.close()
-        val_entry = shards.write_shard(val_part_path(folder_p, unit["id"]), held_out, dtype) if held_out.size else None
+        val_entry = shards.write_shard(val_part_path(folder_p, unit["id"]), held, dtype) if held.size else None
     except OSError as e:
         raise _writing_error(e) from e
-    report_progress(force=True)
-    documents = sum(r.counts["documents"] for r in reports)
+    report.add(force=True)
+    kept = sum(r.counts["documents"] for r in reports)
     record = {"unit": unit["id"], "train": entries, "val_part": val_entry,
-              "documents": {"train": train.documents, "val": documents - train.documents},
+              "documents": {"train": train.documents, "val": kept - train.documents},
               "files": [r.as_dict() for r in reports]}
     _write_json(unit_record_path(folder_p, unit["id"]), record)  # from here on the unit counts as done
     return record
@@ -544,6 +217,7 @@ def _write_json(path: Path, obj: dict) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _writing_error(e, path) from e
+
 
 
 # --- a source ---------------------------------------------------------------------------------
@@ -620,7 +294,7 @@ def prepare_source(source: Source, spec: PrepSpec, tokenizer: Tokenizer, executo
     if executor is None:
         for unit in todo:
             records[unit["id"]] = run_unit(*args, unit, str(tokenizer.path), spec.strict,
-                                           progress.update if progress else None)
+                                           (lambda counts: progress.update(*counts)) if progress else None)
     else:
         futures = {executor.submit(run_unit, *args, unit, str(tokenizer.path), spec.strict): unit for unit in todo}
         try:
@@ -682,6 +356,7 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
     return folder
 
 
+
 # --- progress ---------------------------------------------------------------------------------
 
 
@@ -737,6 +412,7 @@ def prepare(spec: PrepSpec, show_progress: bool = True) -> list[Path]:
     progress = Progress(queue, enabled=show_progress)
     with ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
         return [prepare_source(s, spec, tokenizer, pool, progress) for s in spec.sources]
+
 
 
 # --- verify and tokenizer training --------------------------------------------------------------
