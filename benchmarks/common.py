@@ -16,6 +16,14 @@ def command(name: str, argv: Optional[list[str]] = None) -> str:
     return f"python -m benchmarks.{name} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
+def split_at_dashes(argv: Optional[list[str]]) -> tuple[list[str], list[str], list[str]]:
+    """(all arguments, the benchmark's own ones, the ones after `--` that it passes on)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return argv, argv, []
+    return argv, argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
 def machine() -> dict:
     """Versions, CPU, cores, threads and GPU (tinytrain's own record, as checkpoints keep it)."""
     return environment()

@@ -50,7 +50,7 @@ def folder_bytes(path: Path, suffix: str = ".safetensors") -> int:
 
 def make_hf_folder(folder: Path, config: LlamaConfig, dtype: torch.dtype) -> None:
     folder.mkdir(parents=True)
-    shapes = {hf.to_hf_name(k): v for k, v in hf.expected_shapes(config).items()}
+    shapes = {hf.to_hf_name(k): v for k, v in config.parameter_shapes().items()}
     gen = torch.Generator().manual_seed(0)
     stream = ((name, torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
               for name, shape in shapes.items())

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import command, machine, write_result
+from benchmarks.common import command, machine, split_at_dashes, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,7 @@ def column(rows: list[dict], key: str, skip: int) -> list[float]:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fit_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    argv, own, fit_args = split_at_dashes(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      usage="fit_speed.py [options] -- [tinytrain fit arguments]")
     parser.add_argument("--recipe", default="recipes/tiny.yaml")

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import command, write_result
+from benchmarks.common import command, split_at_dashes, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,9 +62,7 @@ def run_variant(base: list[str], switches: list[str], out: Path, timeout: float)
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    base = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    argv, own, base = split_at_dashes(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      usage="levers.py [options] -- [throughput.py arguments]")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None,
