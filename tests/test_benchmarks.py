@@ -177,3 +177,14 @@ def test_h100_script_parts_run_on_cpu_at_a_small_shape(tmp_path, code_corpus):
     fit = json.loads((tmp_path / "fit_speed-cpu.json").read_text())
     assert fit["tokens_per_s_per_device"] > 0 and "--data.global_batch_size 4" in fit["fit_command"]
     assert "measured on cpu" in (tmp_path / "plan-cpu.txt").read_text()
+
+
+def test_eval_speed_benchmark_compares_with_the_harness_hf_class(tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    r = run_benchmark("eval_speed.py", "--preset", "ci", "--questions", "4", "--rounds", "1",
+                      out=tmp_path / "eval.json", timeout=600)
+    assert set(r["requests_per_s"]) == {"tinytrain", "hf"} and r["requests"] == {"loglikelihood": 16, "rolling": 1}
+    assert r["max_abs_loglikelihood_difference"] < 1e-4
+    assert r["ratio_tinytrain_over_hf"]["loglikelihood"] == pytest.approx(
+        r["requests_per_s"]["tinytrain"]["loglikelihood"] / r["requests_per_s"]["hf"]["loglikelihood"])

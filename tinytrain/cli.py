@@ -18,7 +18,7 @@ from typing import Optional
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,plan} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,plan,evaluate} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
@@ -27,6 +27,7 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,p
   convert    Hugging Face Llama:  tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
   plan       memory per GPU:      tinytrain plan --config RECIPE [--world_size N] [--gpu_memory_gib 80]
+  evaluate   downstream tasks:    tinytrain evaluate CHECKPOINT --tasks tinyllama,arc_easy [--limit N] | --text FILES
 
 `tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
 """
@@ -174,7 +175,7 @@ def generate_main(argv: list[str]) -> None:
     prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
-                   eos_id=tok.eos_id, generator=gen)
+                   eos_id=tok.eos_id, generator=gen, vocab=tok.vocab_size)
     print(tok.decode(out[0].tolist()))
 
 
@@ -265,6 +266,10 @@ def _run(command: str, argv: list[str], from_command_line: bool) -> None:
         from tinytrain.plan import main as plan_main
 
         return plan_main(argv[1:])
+    if command == "evaluate":
+        from tinytrain.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     from tinytrain.fitcli import TinyTrainCLI
 
     if command not in TinyTrainCLI.subcommands():

@@ -10,6 +10,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 
 from tinytrain.callbacks import Checkpointing
+from tinytrain.evalloop import DownstreamEval
 from tinytrain.checkpoint import STATE, damage, latest_checkpoint, point_last, resolve_checkpoint, set_aside, step_dirs
 from tinytrain.runlock import RunLock
 
@@ -33,6 +34,7 @@ class TinyTrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpointing, "checkpoint")
+        parser.add_lightning_class_args(DownstreamEval, "eval")
         # The data must know the model's vocabulary (to train a tokenizer, to check token ids).
         parser.link_arguments("model.config.vocab_size", "data.vocab_size")
         # Checkpoints are ours (atomic folders + `last`); Lightning's ModelCheckpoint would write a second set.

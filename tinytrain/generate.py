@@ -45,8 +45,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], 
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
              top_k: Optional[int] = 50, top_p: float = 1.0, eos_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, use_cache: bool = True) -> torch.Tensor:
-    """Prompt (B, T) followed by up to max_new_tokens sampled ids; stops early when every row hit EOS."""
+             generator: Optional[torch.Generator] = None, use_cache: bool = True,
+             vocab: Optional[int] = None) -> torch.Tensor:
+    """Prompt (B, T) followed by up to max_new_tokens sampled ids; stops early when every row hit EOS.
+    With ``vocab``, only ids below it are sampled (a tokenizer may have fewer pieces than the
+    model has rows)."""
     limit = model.config.max_position_embeddings
     if prompt.size(1) >= limit:
         raise ConfigError(f"prompt of {prompt.size(1)} tokens leaves no room under max_position_embeddings={limit}")
@@ -63,6 +66,8 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
                 pos += step_input.size(1)
             else:
                 logits = model(tokens)[:, -1]
+            if vocab is not None:
+                logits = logits[:, :vocab]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = nxt.masked_fill(done.unsqueeze(1), eos_id)

@@ -11,6 +11,7 @@ is a pure function of the step (nothing to restore on resume).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from typing import Optional
@@ -75,6 +76,7 @@ class LitLlama(L.LightningModule):
                                           float8)
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
+        self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for val/bpb
 
     def configure_callbacks(self):
         return [Throughput(self.peak_flops)]
@@ -189,12 +191,27 @@ class LitLlama(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses: dict[int, list[torch.Tensor]] = {}
+        self._val_nats_bytes: dict[int, torch.Tensor] = {}  # per source: summed nats, summed target bytes
+        if self._token_bytes is None:
+            spec = self._data_spec()
+            if spec is not None and spec.tokenizer is not None:
+                from tinytrain.evaluate import byte_lengths
+                from tinytrain.tokenizer import Tokenizer
+
+                self._token_bytes = byte_lengths(Tokenizer(spec.tokenizer))
+        if self._token_bytes is not None:
+            self._token_bytes = self._token_bytes.to(self.device)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         # One dataloader per source of a mixture; dataloader_idx says which.
         batch = batch.long()
-        loss = self.model(batch[:, :-1], batch[:, 1:]).detach()
+        targets = batch[:, 1:]
+        loss = self.model(batch[:, :-1], targets).detach()
         self._val_losses.setdefault(dataloader_idx, []).append(loss)
+        if self._token_bytes is not None and int(targets.max()) < self._token_bytes.numel():
+            # bits per byte: the loss over the UTF-8 bytes the targets stand for (tokenizer-independent)
+            sums = torch.stack([loss.double() * targets.numel(), self._token_bytes[targets].sum().double()])
+            self._val_nats_bytes[dataloader_idx] = self._val_nats_bytes.get(dataloader_idx, 0) + sums
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_losses:
@@ -205,11 +222,18 @@ class LitLlama(L.LightningModule):
         loss = reduce(torch.cat([torch.stack(v) for v in self._val_losses.values()]).mean(), reduce_op="mean")
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        nats_bytes = {i: reduce(v, reduce_op="sum") for i, v in self._val_nats_bytes.items()}
+        if nats_bytes:
+            total = sum(nats_bytes.values())
+            self.log("val/bpb", float(total[0] / total[1] / math.log(2)), sync_dist=True)
         spec = self._data_spec()
         names = spec.source_names if spec is not None else []
         if len(self._val_losses) > 1 and len(names) == len(self._val_losses):
             for idx, losses in sorted(self._val_losses.items()):
                 self.log(f"val/loss/{names[idx]}", reduce(torch.stack(losses).mean(), reduce_op="mean"), sync_dist=True)
+                if idx in nats_bytes:
+                    self.log(f"val/bpb/{names[idx]}", float(nats_bytes[idx][0] / nats_bytes[idx][1] / math.log(2)),
+                             sync_dist=True)
 
     # --- checkpoints --------------------------------------------------------------------------
 

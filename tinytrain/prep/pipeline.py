@@ -171,6 +171,7 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
     report = _Progress(progress or (queue.put if queue is not None else None))
     train = shards.ShardWriter(folder_p, f"train-{unit['id']:06d}", dtype, settings["shard_tokens"])
     held_out: list[np.ndarray] = []  # the unit's validation documents, joined across units at the end
+    text_bytes = {"train": 0, "val": 0}  # UTF-8 bytes of each split's text: bits per byte need them
     reports: list[FileReport] = []
 
     def flat(documents: list[list[int]]) -> np.ndarray:
@@ -182,6 +183,8 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
         keys, texts = zip(*batch)
         encoded = tok.processor.encode(list(texts), add_bos=settings["bos"], add_eos=settings["eos"], num_threads=1)
         held = [is_validation(key, settings["val_fraction"]) for key in keys]
+        for text, v in zip(texts, held):
+            text_bytes["val" if v else "train"] += len(text.encode("utf-8"))
         train.add(flat([ids for ids, v in zip(encoded, held) if not v]), documents=len(held) - sum(held))
         held_out.append(flat([ids for ids, v in zip(encoded, held) if v]))
         report.add(documents=len(texts), tokens=sum(map(len, encoded)))
@@ -194,7 +197,7 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
     report.add(force=True)
     kept = sum(r.counts["documents"] for r in reports)
     record = {"unit": unit["id"], "train": entries, "val_part": val_entry,
-              "documents": {"train": train.documents, "val": kept - train.documents},
+              "documents": {"train": train.documents, "val": kept - train.documents}, "bytes": text_bytes,
               "files": [r.as_dict() for r in reports]}
     _write_json(unit_record_path(folder_p, unit["id"]), record)  # from here on the unit counts as done
     return record
@@ -343,7 +346,8 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
             folder, dtype, {"train": [e for r in records for e in r["train"]], "val": val_entries},
             tokenizer.describe(), {"source": described_source, "root": plan["root"], **plan["settings"]},
             {split: sum(r["documents"][split] for r in records) for split in ("train", "val")},
-            extra={"report": {"files": len(files), "units": len(records), **totals, "files_with_problems": problems}},
+            extra={"bytes": {split: sum(r["bytes"][split] for r in records) for split in ("train", "val")},
+                   "report": {"files": len(files), "units": len(records), **totals, "files_with_problems": problems}},
         )
     except OSError as e:
         (folder / (shards.MANIFEST + ".tmp")).unlink(missing_ok=True)
