@@ -3,13 +3,9 @@ harness's own Hugging Face model class, in-loop evaluation, and bits per byte.""
 
 import json
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
