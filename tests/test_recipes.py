@@ -122,3 +122,18 @@ def test_tinyllama_data_spec_is_the_published_corpus():
     assert slim.filters[0].field == "meta.redpajama_set_name" and slim.filters[0].drop == ["RedPajamaGithub"]
     assert not slim.filters[0].passes({"meta": {"redpajama_set_name": "RedPajamaGithub"}})
     assert slim.filters[0].passes({"meta": {"redpajama_set_name": "RedPajamaArXiv"}})
+
+
+def test_tiny_recipe_picks_its_precision_from_the_machine(prepared, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tinytrain"):
+        cli = make_cli("--config", RECIPES / "tiny.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                       "--data.path", prepared)
+    amx = torch.cpu._is_amx_tile_supported()
+    expected = "bf16-mixed" if amx else "32-true"
+    assert cli.trainer.precision == expected
+    assert any(r.getMessage().startswith(f"trainer.precision: {expected} (null picks it: a CPU with") for r in caplog.records)
+    # an explicit choice is kept
+    assert make_cli("--config", RECIPES / "tiny.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                    "--data.path", prepared, "--trainer.precision", "32-true").trainer.precision == "32-true"

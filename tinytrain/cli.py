@@ -18,7 +18,7 @@ from typing import Optional
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,plan,evaluate} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,plan,evaluate,plot} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
@@ -28,15 +28,16 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,p
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
   plan       memory per GPU:      tinytrain plan --config RECIPE [--world_size N] [--gpu_memory_gib 80]
   evaluate   downstream tasks:    tinytrain evaluate CHECKPOINT --tasks tinyllama,arc_easy [--limit N] | --text FILES
+  plot       curves of runs:      tinytrain plot RUN [RUN ...] [--out FILE.png]
 
 `tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
 """
 
 
 def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    logging.getLogger("tinytrain").setLevel(logging.INFO)
+    from tinytrain.logs import setup_logging
+
+    setup_logging()
 
 
 PREPARE_USAGE = """usage:
@@ -270,6 +271,10 @@ def _run(command: str, argv: list[str], from_command_line: bool) -> None:
         from tinytrain.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if command == "plot":
+        from tinytrain.plot import main as plot_main
+
+        return plot_main(argv[1:])
     from tinytrain.fitcli import TinyTrainCLI
 
     if command not in TinyTrainCLI.subcommands():

@@ -79,7 +79,9 @@ class LitLlama(L.LightningModule):
         self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for val/bpb
 
     def configure_callbacks(self):
-        return [Throughput(self.peak_flops)]
+        from tinytrain.console import RunSummary
+
+        return [Throughput(self.peak_flops), RunSummary()]
 
     # --- building -----------------------------------------------------------------------------
 
