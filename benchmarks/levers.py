@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "fsdp": ["--fsdp"],
     "activation-checkpointing": ["--activation_checkpointing"],
     "float8": ["--float8"],
+    "document-masking": ["--document_masking"],
 }
 
 

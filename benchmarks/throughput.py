@@ -55,6 +55,10 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused_adamw", choices=["auto", "on", "off"], default="off")
     parser.add_argument("--loss_chunk_size", type=int, default=0, help="chunked cross-entropy (0: plain)")
     parser.add_argument("--float8", action="store_true", help="experimental: torchao float8 linears")
+    parser.add_argument("--document_masking", action="store_true",
+                        help="attend within documents (batches then start a document every --document_length tokens)")
+    parser.add_argument("--document_length", type=int, default=0,
+                        help="tokens per document in the batches (a BOS id every N tokens; 0: random ids only)")
     parser.add_argument("--fsdp", action="store_true",
                         help="FSDP2 over this one device with bf16 parameters, as `strategy: fsdp2` trains")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -64,7 +68,7 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
 
 def switches_of(args) -> parallel.Switches:
     return parallel.Switches(args.attention, args.activation_checkpointing, args.compile, args.compile_loss,
-                             args.loss_chunk_size, args.float8)
+                             args.loss_chunk_size, args.float8, args.document_masking)
 
 
 def device_and_precision(args) -> tuple[torch.device, str]:
@@ -130,12 +134,21 @@ class Runner:
         return attn.backend
 
 
-def random_batches(config: LlamaConfig, accum: int, micro: int, seq: int, device, n: int = 4) -> list[torch.Tensor]:
-    """Token batches as the loader sends them (its transit dtype)."""
+def random_batches(config: LlamaConfig, accum: int, micro: int, seq: int, device, n: int = 4,
+                   document_length: int = 0) -> list[torch.Tensor]:
+    """Token batches as the loader sends them (its transit dtype); with ``document_length``, BOS (id
+    1) starts a document every that many tokens, shifted per row (random ids avoid id 1 then)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     dtype = getattr(torch, transit_dtype(config.vocab_size).name)
-    return [torch.randint(0, config.vocab_size, (accum, micro, seq + 1), generator=gen, dtype=dtype).to(device)
-            for _ in range(n)]
+    out = []
+    for _ in range(n):
+        low = 2 if document_length else 0
+        batch = torch.randint(low, config.vocab_size, (accum, micro, seq + 1), generator=gen, dtype=dtype)
+        if document_length:
+            shift = torch.randint(0, document_length, (accum, micro, 1), generator=gen)
+            batch[(torch.arange(seq + 1) + shift) % document_length == 0] = 1
+        out.append(batch.to(device))
+    return out
 
 
 def main(argv=None) -> dict:
@@ -150,7 +163,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     runner = Runner(args)
     device, config, seq = runner.device, runner.config, runner.seq
-    batches = random_batches(config, args.accum, args.micro_batch, seq, device)
+    batches = random_batches(config, args.accum, args.micro_batch, seq, device, document_length=args.document_length)
     for i in range(args.warmup):
         runner.step(batches[i % len(batches)])
     runner.sync()
@@ -197,6 +210,8 @@ def main(argv=None) -> dict:
         "fused_adamw": args.fused_adamw,
         "loss_chunk_size": args.loss_chunk_size,
         "float8": args.float8,
+        "document_masking": args.document_masking,
+        "document_length": args.document_length,
         "fsdp": args.fsdp,
         "steps": args.steps,
         "warmup_s": round(warmup_s, 2),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -59,8 +61,12 @@ class Kernel:
                                    "importable (pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
         self.sdpa_kernels = [SDPA_KERNELS[backend]] if backend in SDPA_KERNELS else None
 
-    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of every position to itself and the ones before it."""
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of every position to itself and the ones before it; with ``documents`` (B, T)
+        ids, only to those of its own document."""
+        if documents is not None:
+            return self._within_documents(q, k, v, documents)
         if self._use_flash(q):
             _note("flash-attn")
             # flash-attn takes (B, T, heads, hd) and handles grouped KV heads natively.
@@ -80,6 +86,16 @@ class Kernel:
         with sdpa_kernel(self.sdpa_kernels):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
+    def _within_documents(self, q, k, v, documents: torch.Tensor) -> torch.Tensor:
+        if self._use_flash(q):
+            _note("flash-attn varlen (document masking)")
+            return _flash_varlen(q, k, v, documents)
+        _note("sdpa with a document mask")
+        T = q.size(2)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (documents[:, :, None] == documents[:, None, :]) & causal  # (B, T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=k.size(1) != q.size(1))
+
     def _use_flash(self, q: torch.Tensor) -> bool:
         if self.flash_fn is None:
             return False
@@ -89,6 +105,25 @@ class Kernel:
                                        f"{q.device.type} {q.dtype}; use 'sdpa' or 'auto'")
             return False
         return True
+
+
+@functools.cache
+def _flash_varlen_func():
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+def _flash_varlen(q, k, v, documents: torch.Tensor) -> torch.Tensor:
+    """flash-attn's variable-length kernel over every document of the batch as its own sequence."""
+    B, H, T, D = q.shape
+    flat = (documents + torch.arange(B, device=documents.device)[:, None] * (T + 1)).flatten()  # unique per row
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=flat.device), flat[1:] != flat[:-1]])
+    cu = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([B * T], device=flat.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.size(1), D) for x in (q, k, v))  # (B T, heads, hd)
+    y = _flash_varlen_func()(q, k, v, cu, cu, longest, longest, causal=True)
+    return y.reshape(B, T, H, D).transpose(1, 2)
 
 
 def after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:

@@ -36,7 +36,8 @@ class ConfigSaver(SaveConfigCallback):
 
 class Checkpointing(Callback):
     def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
-                 resume: bool = True, save_on_signal: bool = True, signal_check_every_n_steps: int = 5) -> None:
+                 resume: bool = True, save_on_signal: bool = True, signal_check_every_n_steps: int = 5,
+                 branch_from: Optional[str] = None) -> None:
         """Periodic, atomic checkpoints, automatic resume, and checkpoint-and-requeue on SIGUSR1.
 
         Args:
@@ -49,6 +50,11 @@ class Checkpointing(Callback):
             signal_check_every_n_steps: With several processes, the ranks agree on whether a
                 SIGUSR1 arrived every this many steps (a collective and a host sync each time), so
                 the warning must cover this many steps plus a save. One process checks every step.
+            branch_from: A checkpoint of another run (run folder, ``last`` or ``step-N``) to start
+                this run from whole: weights, optimizer state, step and data position, as a resume
+                would, e.g. a cooldown branch of a warmup-stable-decay run. Only while this run has
+                no checkpoint of its own (after that it resumes from its own); the other run's
+                folder is only read.
         """
         if every_n_steps <= 0:
             raise ConfigError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
@@ -57,6 +63,8 @@ class Checkpointing(Callback):
         if signal_check_every_n_steps <= 0:
             raise ConfigError(f"checkpoint.signal_check_every_n_steps must be positive, got {signal_check_every_n_steps}")
         self.dirpath = Path(dirpath).expanduser() if dirpath else None
+        self.branch_from = branch_from
+        self.branched_from: Optional[str] = None  # the checkpoint this run started from, for meta.json
         self.every_n_steps, self.keep_last, self.resume = every_n_steps, keep_last, resume
         self.save_on_signal, self.signal_check_every_n_steps = save_on_signal, signal_check_every_n_steps
         self._last_saved_step: Optional[int] = None
@@ -182,6 +190,7 @@ class Checkpointing(Callback):
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
             "save_seconds": round(seconds, 3),
+            **({"branched_from": self.branched_from} if self.branched_from else {}),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "environment": environment(),
             # Every file with its size, so a truncated or partly copied checkpoint is recognised.

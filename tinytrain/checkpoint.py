@@ -190,11 +190,14 @@ def point_last(folder: Path, target: Path) -> None:
     os.replace(tmp_link, folder / "last")
 
 
-def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
+def load_model_weights(folder: Path, average: bool = False) -> dict[str, torch.Tensor]:
     """The model's weights (tinytrain names) from a checkpoint folder: converted weights
     (model.safetensors), a single Lightning state file, or a state sharded by several ranks.
-    Needs no GPU and no process group, and reads no optimizer state."""
+    Needs no GPU and no process group, and reads no optimizer state. With ``average``, the moving
+    average of the weights that training kept instead (model.ema_decay)."""
     folder = Path(folder)
+    if average:
+        return _load_average(folder)
     if (folder / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
@@ -202,13 +205,32 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(str(folder / WEIGHTS))
         except Exception as e:  # safetensors' own error types differ by version
             raise CheckpointError(f"{folder / WEIGHTS}: unreadable ({e})") from e
-    state_path = folder / STATE
+    weights = _load_state_entries(folder / STATE, MODEL_PREFIX)
+    if not weights:
+        raise CheckpointError(f"{folder / STATE}: checkpoint holds no model weights (no '{MODEL_PREFIX}*' keys)")
+    return weights
+
+
+def _load_average(folder: Path) -> dict[str, torch.Tensor]:
+    from tinytrain.ema import PREFIX, parameter_name
+
+    if not (folder / STATE).exists():
+        raise CheckpointError(f"{folder}: holds no training state, so no weight average (model.ema_decay)")
+    found = _load_state_entries(folder / STATE, PREFIX)
+    if not found:
+        raise CheckpointError(f"{folder / STATE}: no weight average in this checkpoint (train with model.ema_decay)")
+    return {parameter_name(k): v for k, v in found.items()}
+
+
+def _load_state_entries(state_path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of Lightning's state dict under ``prefix`` (prefix removed; none: {}), from a
+    single file or sharded."""
     if state_path.is_file():
         try:
             ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
         except (RuntimeError, EOFError, OSError) as e:  # "PytorchStreamReader failed reading zip archive", ...
             raise CheckpointError(f"{state_path}: unreadable, damaged or truncated ({e})") from e
-        return {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+        return {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state_path.is_dir():
         raise FileNotFoundError(f"{state_path}: no checkpoint state there")
     import torch.distributed.checkpoint as dcp
@@ -218,20 +240,20 @@ def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
         metadata = dcp.FileSystemReader(str(state_path)).read_metadata()
     except Exception as e:
         raise CheckpointError(f"{state_path}: unreadable sharded checkpoint ({e})") from e
-    prefix = "state_dict." + MODEL_PREFIX
+    outer = "state_dict." + prefix
     weights = {
-        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        key[len(outer):]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and hasattr(meta, "size")
+        if key.startswith(outer) and hasattr(meta, "size")
     }
     if not weights:
-        raise CheckpointError(f"{state_path}: sharded checkpoint holds no model weights (no '{prefix}*' keys)")
-    wrapped = {"state_dict": {MODEL_PREFIX + k: v for k, v in weights.items()}}
+        return {}
+    wrapped = {"state_dict": {prefix + k: v for k, v in weights.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(wrapped, checkpoint_id=str(state_path), planner=DefaultLoadPlanner(allow_partial_load=True),
                  no_dist=True)
-    return {k.removeprefix(MODEL_PREFIX): v for k, v in wrapped["state_dict"].items()}
+    return {k.removeprefix(prefix): v for k, v in wrapped["state_dict"].items()}
 
 
 def consolidate(checkpoint, out: os.PathLike | str) -> Path:
@@ -255,6 +277,8 @@ class Pretrained:
     folder: Path
     config: LlamaConfig
     tokenizer: Optional[Path]
+    average: bool = False
+    """Read the weight average training kept (model.ema_decay) instead of the weights."""
 
     def tensors(self) -> tuple[dict[str, tuple], Iterator[tuple[str, torch.Tensor]]]:
         """Parameter name -> shape, and the tensors one at a time in that order (streamed: never
@@ -263,7 +287,7 @@ class Pretrained:
             from tinytrain import hf
 
             return hf.hf_tensors(self.folder, self.config)
-        weights = load_model_weights(self.folder)
+        weights = load_model_weights(self.folder, self.average)
         shapes = self.config.parameter_shapes()
         missing = [k for k in shapes if k not in weights]
         if missing:

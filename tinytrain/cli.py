@@ -18,7 +18,7 @@ from typing import Optional
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,plan,evaluate,plot} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,average,plan,evaluate,plot} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
@@ -26,6 +26,7 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,p
   generate   sample from a model: tinytrain generate CHECKPOINT --prompt TEXT
   convert    Hugging Face Llama:  tinytrain convert from-hf HF_DIR OUT | to-hf CHECKPOINT OUT
   consolidate  sharded or not, to one weights file: tinytrain consolidate CHECKPOINT OUT.pt
+  average    weight averaging:    tinytrain average CKPT CKPT ... OUT [--mode exponential --decay 0.5] | --ema CKPT OUT
   plan       memory per GPU:      tinytrain plan --config RECIPE [--world_size N] [--gpu_memory_gib 80]
   evaluate   downstream tasks:    tinytrain evaluate CHECKPOINT --tasks tinyllama,arc_easy [--limit N] | --text FILES
   plot       curves of runs:      tinytrain plot RUN [RUN ...] [--out FILE.png]
@@ -271,6 +272,10 @@ def _run(command: str, argv: list[str], from_command_line: bool) -> None:
         from tinytrain.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if command == "average":
+        from tinytrain.average import main as average_main
+
+        return average_main(argv[1:])
     if command == "plot":
         from tinytrain.plot import main as plot_main
 

@@ -46,6 +46,10 @@ class DataSpec:
     """The tokenizer file the shards were made with (None if it is not beside them)."""
     tokenizer_sha256: Optional[str]
     """Its sha256, as the manifest records it (or of data.tokenizer, when given)."""
+    bos_id: Optional[int] = None
+    """The tokenizer's BOS id."""
+    bos_per_document: bool = True
+    """Every document of the shards starts with BOS (the preparation's setting)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -177,7 +181,8 @@ class TokenData(L.LightningDataModule):
     def spec(self) -> "DataSpec":
         """What the model side needs to know about the data, once it is open."""
         assert self.order is not None, "setup() first"
-        return DataSpec(self.seq_len, self.global_batch_size, tuple(self.names), self.tokenizer, self.tokenizer_sha256)
+        return DataSpec(self.seq_len, self.global_batch_size, tuple(self.names), self.tokenizer, self.tokenizer_sha256,
+                        self.bos_id, self.bos_per_document)
 
     def open(self, world_size: int = 1) -> None:
         """Check and memory-map every source's splits; raise before any training on bad data."""
@@ -218,6 +223,9 @@ class TokenData(L.LightningDataModule):
         self.folders, self.names, self.val_sets, self.val_batches_per_source = folders, names, val_sets, val_batches
         self.tokenizer = tokenizer if tokenizer.is_file() else None
         self.tokenizer_sha256 = sha
+        manifests = [shards.read_manifest(folder) for folder in folders]
+        self.bos_id = manifests[0]["tokenizer"].get("bos_id")
+        self.bos_per_document = all(m.get("settings", {}).get("bos", True) for m in manifests)
         if self._is_rank_zero():
             for name, folder, train, w, vb in zip(names, folders, train_sets, self.order.mixture.weights, val_batches):
                 log.info("data %s (%s): weight %.6f, %d train blocks of %d tokens (%.1f epochs per 1000 steps), "

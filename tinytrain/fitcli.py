@@ -14,6 +14,7 @@ from tinytrain.callbacks import Checkpointing
 from tinytrain.console import StepProgress
 from tinytrain.evalloop import DownstreamEval
 from tinytrain.checkpoint import STATE, damage, latest_checkpoint, point_last, resolve_checkpoint, set_aside, step_dirs
+from tinytrain.errors import ConfigError
 from tinytrain.runlock import RunLock
 
 log = logging.getLogger("tinytrain")
@@ -87,16 +88,32 @@ class TinyTrainCLI(LightningCLI):
         if fit_config.get("ckpt_path") is not None:
             fit_config["ckpt_path"] = checkpoint_state_path(fit_config["ckpt_path"])
         else:
+            branch = self._branch_state(folder, ckpt_cb) if ckpt_cb.branch_from is not None else None
             found = latest_checkpoint(folder) if ckpt_cb.resume else None
             if found is not None:
                 if rank_zero:
                     log.info("resuming from %s", found)
                     self._set_aside_damaged(folder, found)
                 fit_config["ckpt_path"] = str(found / STATE)
+            elif branch is not None:
+                ckpt_cb.branched_from = str(branch.parent)
+                if rank_zero:
+                    log.info("branching from %s: weights, optimizer state, step and data position continue "
+                             "from there", branch.parent)
+                fit_config["ckpt_path"] = str(branch)
         if fit_config.get("ckpt_path") is not None and getattr(self.model, "init_from", None):
             # The restored checkpoint replaces the weights: loading init_from too would only cost time.
             log.info("resuming, so model.init_from %s is not loaded", self.model.init_from)
             self.model.init_from = None
+
+    @staticmethod
+    def _branch_state(folder: Path, ckpt_cb: Checkpointing) -> Path:
+        """The state file a branch starts from; never one of this run's own folder."""
+        state = Path(checkpoint_state_path(ckpt_cb.branch_from)).resolve()
+        if folder.resolve() in state.parents:
+            raise ConfigError(f"checkpoint.branch_from {ckpt_cb.branch_from} is in this run's own checkpoint folder "
+                              f"{folder}; a branch needs a run folder of its own (set trainer.default_root_dir)")
+        return state
 
     @staticmethod
     def _set_aside_damaged(folder: Path, resumed: Path) -> None:

@@ -302,18 +302,29 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
         raise FileExistsError(f"{out} already exists; choose a new folder")
     config, hf_config = check_hf_folder(hf_dir)
     shapes, stream = hf_tensors(hf_dir, config)
-    with atomic_folder(out) as tmp:
-        write_safetensors(tmp / WEIGHTS, stream, shapes, dtype=None, metadata={"source": hf_dir.name})
+    return write_weights_folder(out, config, shapes, stream, hf_dir / TOKENIZER, {
+        "step": 0, "source": {"format": "huggingface", "path": str(hf_dir.resolve()),
+                              "torch_dtype": hf_config.get("torch_dtype", hf_config.get("dtype"))},
+    }, metadata={"source": hf_dir.name})
+
+
+def write_weights_folder(out: Path, config: LlamaConfig, shapes: dict[str, tuple],
+                         tensors: Iterable[tuple[str, torch.Tensor]], tokenizer: Optional[Path], meta: dict,
+                         metadata: Optional[dict] = None) -> Path:
+    """A converted tinytrain checkpoint folder (model.safetensors with tinytrain names, the model
+    config, the tokenizer, meta.json), written atomically: what `convert from-hf` and `average`
+    write, and what init_from, generate, evaluate and `convert to-hf` read."""
+    with atomic_folder(Path(out)) as tmp:
+        write_safetensors(tmp / WEIGHTS, tensors, shapes, dtype=None, metadata=metadata or {})
         (tmp / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        shutil.copyfile(hf_dir / TOKENIZER, tmp / TOKENIZER)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
         (tmp / META).write_text(json.dumps({
-            "step": 0, "source": {"format": "huggingface", "path": str(hf_dir.resolve()),
-                                  "torch_dtype": hf_config.get("torch_dtype", hf_config.get("dtype"))},
-            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **meta, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # every file with its size, so a truncated copy of this folder is recognised
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
         }, indent=2) + "\n")
-    return out
+    return Path(out)
 
 
 # --- export --------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from tinytrain import parallel
+from tinytrain.checkpoint import MODEL_PREFIX
 from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.model import Llama, LlamaConfig, with_tied_head
 from tinytrain.monitor import Throughput
@@ -43,6 +44,9 @@ class LitLlama(L.LightningModule):
         loss_chunk_size: int = 0,
         compile_loss: bool = False,
         float8: bool = False,
+        document_masking: bool = False,
+        document_positions: bool = False,
+        ema_decay: Optional[float] = None,
     ) -> None:
         """A Llama model trained on next-token prediction.
 
@@ -65,6 +69,12 @@ class LitLlama(L.LightningModule):
             compile_loss: torch.compile the output head and cross-entropy.
             float8: Experimental. Float8 matmuls in the blocks' linear layers (torchao, dynamic
                 tensorwise scaling; needs compute capability 8.9+, e.g. H100). Changes the numerics.
+            document_masking: Tokens attend only within their own document (documents start with BOS
+                in the shards; a block that starts mid-document treats its start as one), as Llama 3.
+            document_positions: With document_masking, RoPE positions restart at each document.
+            ema_decay: Keep an exponential moving average of the weights with this decay (e.g. 0.999;
+                ramped up as min(decay, (1 + t) / (10 + t))), sharded like the parameters, saved in
+                every checkpoint; `tinytrain average --ema CHECKPOINT OUT` writes it as a model.
         """
         super().__init__()
         if init_from == "???":
@@ -73,9 +83,13 @@ class LitLlama(L.LightningModule):
         self.config, self.optim, self.init_from, self.peak_flops = config, optim, init_from, peak_flops
         # The recipe keeps its keys flat (model.compile, ...); from here on they travel as one object.
         self.switches = parallel.Switches(attention, activation_checkpointing, compile, compile_loss, loss_chunk_size,
-                                          float8)
+                                          float8, document_masking, document_positions)
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ConfigError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        self.ema_decay = ema_decay
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
+        self.ema = None  # tinytrain.ema.WeightAverage when ema_decay is set
         self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for val/bpb
 
     def configure_callbacks(self):
@@ -89,6 +103,11 @@ class LitLlama(L.LightningModule):
         if self.model is not None:
             return
         strategy = self.trainer.strategy if self._trainer is not None else None
+        spec = self._data_spec()
+        bos_id = spec.bos_id if spec is not None and spec.bos_id is not None else 1
+        if self.switches.document_masking and spec is not None and not spec.bos_per_document:
+            raise ConfigError("model.document_masking finds documents by the BOS in front of each, but the data was "
+                              "prepared without it (its manifest says bos: false); prepare it with bos: true")
         if isinstance(strategy, ModelParallelStrategy):
             precision = str(self.trainer.precision)
             if precision in ("bf16-true", "16-true"):
@@ -99,12 +118,17 @@ class LitLlama(L.LightningModule):
             param_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
             mesh = getattr(strategy, "fsdp_mesh", None) or strategy.device_mesh["data_parallel"]
             model = parallel.build_sharded(self.config, mesh, strategy.root_device, param_dtype,
-                                           getattr(strategy, "gather_once_per_step", True), self.switches)
+                                           getattr(strategy, "gather_once_per_step", True), self.switches, bos_id)
         else:
-            model = parallel.build(self.config, self.switches, strategy.root_device if strategy is not None else None)
+            model = parallel.build(self.config, self.switches, strategy.root_device if strategy is not None else None,
+                                   bos_id)
         if self.init_from:
             self._load_initial_weights(model)
         self.model = model
+        if self.ema_decay is not None:
+            from tinytrain.ema import WeightAverage
+
+            self.ema = WeightAverage(model, self.ema_decay)
         log.info("model: %s parameters, %d layers, width %d%s", f"{self.config.num_params():,}",
                  self.config.num_hidden_layers, self.config.hidden_size,
                  ", sharded with FSDP2" if isinstance(strategy, ModelParallelStrategy) else "")
@@ -179,6 +203,8 @@ class LitLlama(L.LightningModule):
         lr = self.optim.lr_at(step)
         loss, grad_norm = train_step(self.model, self.optimizers(), batch, lr, self.optim.grad_clip,
                                      backward=self.manual_backward)
+        if self.ema is not None:
+            self.ema.update(self.model, step)
         # Only on the steps Lightning writes logs: each logged value costs a device sync, and the
         # loss a collective (sync_dist). The values written are the same as logging every step.
         if self.trainer._logger_connector.should_update_logs:
@@ -253,6 +279,25 @@ class LitLlama(L.LightningModule):
                 f"the checkpoint was trained on data tokenized with tokenizer sha256 {saved['tokenizer_sha256']}, but "
                 f"the data now given ({spec.tokenizer}) was made with sha256 {current}; resume with the original "
                 "data, or start a new run (--checkpoint.resume false, or --model.init_from)")
+        self._match_ema_state(checkpoint.get("state_dict"))
         if saved.get("model_config") is not None and LlamaConfig(**saved["model_config"]) != self.config:
             raise CheckpointError("the checkpoint was trained with a different model config; differing fields "
                                   + LlamaConfig(**saved["model_config"]).differences(self.config, "checkpoint", "recipe"))
+
+    def _match_ema_state(self, state: Optional[dict]) -> None:
+        """A checkpoint saved without an average, resumed with model.ema_decay, starts the average at
+        the resumed weights; one saved with it, resumed without, drops it (said in the log)."""
+        if state is None:  # sharded: read into the module's own state by the strategy
+            return
+        from tinytrain.ema import PREFIX, buffer_name
+
+        saved = [k for k in state if k.startswith(PREFIX)]
+        if self.ema is None and saved:
+            log.info("the checkpoint holds a weight average; model.ema_decay is not set, so it is dropped")
+            for k in saved:
+                del state[k]
+        elif self.ema is not None and not saved:
+            log.info("the checkpoint holds no weight average: model.ema_decay starts it at the resumed weights")
+            for name in dict(self.model.named_parameters()):
+                state[PREFIX + buffer_name(name)] = state[MODEL_PREFIX + name].clone()
+

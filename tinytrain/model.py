@@ -206,7 +206,8 @@ class LlamaAttention(nn.Module):
         self.kernel = attention.Kernel(backend, self.n_head, self.n_kv)
         self.backend, self.flash_fn, self.sdpa_kernels = backend, self.kernel.flash_fn, self.kernel.sdpa_kernels
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -219,7 +220,7 @@ class LlamaAttention(nn.Module):
             k, v = self.kv_cache.update(pos, k, v)
             y = attention.after_cache(q, k, v, pos)
         else:
-            y = self.kernel.causal(q, k, v)
+            y = self.kernel.causal(q, k, v, documents)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d)
         return self.o_proj(y)
 
@@ -243,8 +244,9 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -259,6 +261,10 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.loss_chunk_size = 0  # > 0: chunked cross-entropy (set from outside, like the attention backend)
+        # A token id that starts every document (BOS): tokens then attend only within their own
+        # document; with document_positions, RoPE positions also restart at each document.
+        self.document_boundary: Optional[int] = None
+        self.document_positions = False
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -315,10 +321,17 @@ class Llama(nn.Module):
             raise ConfigError(
                 f"sequence of {pos + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
-        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        documents = None
+        if self.document_boundary is not None and pos == 0 and self.layers[0].self_attn.kv_cache is None:
+            documents = (idx == self.document_boundary).cumsum(dim=1)  # (B, T); 0 before a block's first BOS
+        if documents is not None and self.document_positions:
+            positions = positions_in_documents(idx == self.document_boundary)  # (B, T)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+        else:
+            cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         x = self.embed_tokens(idx)  # (B, T, d)
         for block in self.layers:
-            x = block(x, cos, sin, pos)
+            x = block(x, cos, sin, pos, documents)
         if targets is None:
             return self.lm_head(self.norm(x))  # (B, T, V)
         return self.head_loss(x, targets)
@@ -344,6 +357,13 @@ class Llama(nn.Module):
     def clear_kv_caches(self) -> None:
         for block in self.layers:
             block.self_attn.kv_cache = None
+
+
+def positions_in_documents(starts: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document, from a (B, T) mask of document starts (a block's
+    first tokens, before any start, count from 0 as a document of their own)."""
+    index = torch.arange(starts.size(1), device=starts.device).expand_as(starts)
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
 
 
 def with_tied_head(weights: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:

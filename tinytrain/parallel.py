@@ -37,10 +37,17 @@ class Switches:
     """> 0 computes the loss this many tokens at a time, never holding fp32 logits for the whole micro-batch."""
     float8: bool = False
     """Experimental: float8 matmuls in the blocks' linear layers (torchao; compute capability 8.9+)."""
+    document_masking: bool = False
+    """Tokens attend only within their own document (documents start with BOS in the shards)."""
+    document_positions: bool = False
+    """With document_masking, RoPE positions restart at each document (Llama 3 does not restart)."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 0:
             raise ConfigError(f"model.loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        if self.document_positions and not self.document_masking:
+            raise ConfigError("model.document_positions restarts positions per document: it needs "
+                              "model.document_masking: true")
 
 
 def apply_activation_checkpointing(model: Llama) -> None:
@@ -153,10 +160,14 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
             model.set_reshard_after_backward(enabled)
 
 
-def prepare(model: Llama, switches: Switches = Switches(), device: Optional[torch.device] = None) -> None:
-    """Apply the recipe's speed switches to an unsharded model, in the order they compose."""
+def prepare(model: Llama, switches: Switches = Switches(), device: Optional[torch.device] = None,
+            bos_id: int = 1) -> None:
+    """Apply the recipe's switches to an unsharded model, in the order they compose (``bos_id``
+    starts every document, for document masking)."""
     model.set_attention_backend(switches.attention)
     model.loss_chunk_size = switches.loss_chunk_size
+    model.document_boundary = bos_id if switches.document_masking else None
+    model.document_positions = switches.document_positions
     if switches.float8:
         apply_float8(model, device)
     if switches.activation_checkpointing:
@@ -168,13 +179,13 @@ def prepare(model: Llama, switches: Switches = Switches(), device: Optional[torc
 
 
 def build_sharded(config, mesh, device: torch.device, param_dtype: Optional[torch.dtype] = None,
-                  gather_once_per_step: bool = True, switches: Switches = Switches()) -> Llama:
+                  gather_once_per_step: bool = True, switches: Switches = Switches(), bos_id: int = 1) -> Llama:
     """The model as FSDP2 training holds it: built on the meta device, switched (see ``prepare``),
     sharded over ``mesh``, then materialised on ``device`` with TinyLlama's initialisation (each
     rank initialises its own shards)."""
     with torch.device("meta"):
         model = Llama(config)
-    prepare(model, switches, device)
+    prepare(model, switches, device, bos_id)
     apply_fsdp(model, mesh, param_dtype, gather_once_per_step)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -199,8 +210,8 @@ def init_one_process_group(device: torch.device) -> bool:
     return True
 
 
-def build(config, switches: Switches = Switches(), device: Optional[torch.device] = None) -> Llama:
+def build(config, switches: Switches = Switches(), device: Optional[torch.device] = None, bos_id: int = 1) -> Llama:
     """The model on one device, switched (see ``prepare``)."""
     model = Llama(config)
-    prepare(model, switches, device)
+    prepare(model, switches, device, bos_id)
     return model
