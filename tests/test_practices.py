@@ -1,5 +1,5 @@
 """Practices beyond TinyLlama's recipe: document masking, warmup-stable-decay schedules and their
-cooldown branches, and weight averaging."""
+cooldown branches, weight averaging and loss-spike recovery."""
 
 import math
 
@@ -305,14 +305,117 @@ def test_average_of_checkpoints(stable_run, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+# --- loss-spike recovery ------------------------------------------------------------------------
+
+SPIKES = ["--model.spikes.enabled", "true", "--model.spikes.window", "10", "--model.spikes.min_history", "5",
+          "--model.spikes.threshold", "4", "--model.spikes.rollback_after", "2", "--checkpoint.every_n_steps", "5",
+          "--checkpoint.keep_last", "0", "--trainer.log_every_n_steps", "1"]
+
+
+def poison(prepared, out, steps):
+    """A copy of the prepared folder whose training blocks read at the given optimizer steps (0-based,
+    the ci recipe's batch of 16 x 64) hold random token ids: their loss explodes."""
+    import shutil
+
+    import numpy as np
+
+    from tinytrain import shards
+    from tinytrain.data import TokenData
+    from tinytrain.order import rank_samples
+
+    shutil.copytree(prepared, out)
+    dm = TokenData(path=str(out), vocab_size=512, seq_len=64, global_batch_size=16, micro_batch_size=8, seed=3407)
+    dm.open()
+    stream = dm.order.blocks[0].stream
+    rng = np.random.default_rng(0)
+    for step in steps:
+        _, blocks = dm.order.locate(rank_samples(step, 16, 0, 1))
+        for b in blocks:
+            for pos in range(int(b) * 64 + 1, int(b) * 64 + 64):  # the block's own tokens, not its neighbours'
+                i = int(np.searchsorted(stream.starts, pos, side="right")) - 1
+                dtype, count = shards.read_header(stream.files[i])
+                tokens = np.memmap(stream.files[i], dtype=dtype, mode="r+", offset=shards.HEADER.size, shape=(count,))
+                tokens[pos - stream.starts[i]] = rng.integers(3, 512)
+                tokens.flush()
+    return out
+
+
+@pytest.fixture(scope="module")
+def spiky_run(tmp_path_factory, prepared):
+    from conftest import RECIPES, run_tinytrain
+
+    cwd = tmp_path_factory.mktemp("spikes")
+    data = poison(prepared, cwd / "poisoned", steps=[31, 32])
+    args = ["fit", "--config", RECIPES / "ci.yaml", "--data.path", data, *SPIKES]
+    proc = run_tinytrain(*args, cwd=cwd)
+    return cwd, args, proc
+
+
+def test_spikes_are_skipped_then_rolled_back_past_their_data(spiky_run):
+    import json
+
+    from conftest import metric_rows, series
+
+    cwd, _, proc = spiky_run
+    run = cwd / "runs" / "ci"
+    assert "step 32: loss spike" in proc.stderr and "step 33: loss spike" in proc.stderr
+    assert "rolling back to" in proc.stderr and "skipping the data of steps 31 to 33" in proc.stderr
+    rollbacks = json.loads((run / "checkpoints" / "rollbacks.json").read_text())
+    assert len(rollbacks) == 1
+    r = rollbacks[0]
+    assert (r["spike_steps"], r["to_checkpoint_step"], r["skipped_data_of_steps"]) == ([32, 33], 30, [31, 33])
+    assert (r["resume_at_sample"], r["skipped_samples"]) == (33 * 16, 3 * 16)
+
+    rows = metric_rows(run)
+    assert sorted(s for s, _ in series(rows, "train/spike_loss")) == [31, 32]
+    assert min(v for _, v in series(rows, "train/spike_loss")) > 1.5 * max(
+        v for s, v in series(rows, "train/loss") if 20 <= s < 31)
+    meta = json.loads((run / "checkpoints" / "step-00000040" / "meta.json").read_text())
+    assert meta["spikes"] == {"skipped_steps": [], "rollbacks": rollbacks}  # no spike after the rollback
+    assert meta["tokens"] == 40 * 16 * 64  # the skipped samples are not counted as trained
+    assert math.isfinite(dict(series(rows, "val/loss"))[39])
+
+
+def test_a_resume_after_a_rollback_is_exact(spiky_run, tmp_path):
+    """From the checkpoint written after the rollback (its state holds the skip) and from the one it
+    went back to (the rollback is applied again), the run ends at the same weights."""
+    import shutil
+
+    from conftest import run_tinytrain
+    from tinytrain.checkpoint import load_model_weights, point_last
+
+    cwd, args, _ = spiky_run
+    reference = load_model_weights(cwd / "runs" / "ci" / "checkpoints" / "step-00000040")
+    for resume_from in ("step-00000035", "step-00000030"):
+        copy = tmp_path / resume_from
+        shutil.copytree(cwd / "runs", copy / "runs", symlinks=True)
+        folder = copy / "runs" / "ci" / "checkpoints"
+        for later in folder.glob("step-*"):
+            if later.name > resume_from:
+                shutil.rmtree(later)
+        point_last(folder, folder / resume_from)
+        proc = run_tinytrain(*args, cwd=copy)
+        assert "loss spike" not in proc.stderr
+        again = load_model_weights(folder / "step-00000040")
+        for k in reference:
+            assert torch.equal(again[k], reference[k]), (resume_from, k)
+
+
+def test_spike_settings_out_of_range_are_refused():
+    from tinytrain.spikes import SpikeConfig
+
+    with pytest.raises(ConfigError, match=r"model.spikes.min_history must be in \[2, window=10\], got 20"):
+        SpikeConfig(window=10, min_history=20)
+
+
 def test_every_switch_on_resumes_exactly_on_another_world_size(code_corpus, tmp_path):
-    """Document masking, WSD and the moving average together under FSDP2 on 2
+    """Document masking, WSD, the moving average and spike recovery together under FSDP2 on 2
     processes; resumed on 1 process from step 20, the run ends where the uninterrupted one did."""
     from conftest import ci_args, run_tinytrain
     from tinytrain.checkpoint import load_model_weights
 
     switches = ["--model.document_masking", "true", "--model.document_positions", "true", "--model.ema_decay", "0.9",
-                *WSD, "--trainer.strategy", "fsdp2"]
+                "--model.spikes.enabled", "true", *WSD, "--trainer.strategy", "fsdp2"]
     run_tinytrain(*ci_args(code_corpus, *switches, *run_folder("straight"), "--trainer.devices", "2"), cwd=tmp_path)
     resumed_copy(tmp_path, "straight", "elastic")
     proc = run_tinytrain(*ci_args(code_corpus, *switches, *run_folder("elastic"), "--trainer.devices", "1"),

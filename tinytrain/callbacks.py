@@ -100,9 +100,13 @@ class Checkpointing(Callback):
             self._stop_for_preemption(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "rollback_request", None) is not None:
+            return  # the state holds the spikes: the run goes back to its newest checkpoint instead
         self.save(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "rollback_request", None) is not None:
+            return  # never save a state that holds the spikes
         stop = self._stop_requested(trainer)
         if trainer.global_step % self.every_n_steps == 0 or stop:
             self.save(trainer)
@@ -191,6 +195,7 @@ class Checkpointing(Callback):
             "precision": str(trainer.precision),
             "save_seconds": round(seconds, 3),
             **({"branched_from": self.branched_from} if self.branched_from else {}),
+            **(module.checkpoint_meta() if hasattr(module, "checkpoint_meta") else {}),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "environment": environment(),
             # Every file with its size, so a truncated or partly copied checkpoint is recognised.

@@ -144,6 +144,8 @@ class TokenData(L.LightningDataModule):
         # Step origin[0] reads global sample origin[1]: moved on resume when the global batch changes.
         self.origin = (0, step_offset * global_batch_size)
         self.first_sample = self.origin[1]
+        self.skipped_samples = 0  # by rollbacks after loss spikes (tinytrain.spikes)
+        self.pending_rollback: Optional[dict] = None  # the rollback a resume applies (set by `tinytrain fit`)
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -237,8 +239,9 @@ class TokenData(L.LightningDataModule):
         return self.origin[1] + (step - self.origin[0]) * self.global_batch_size
 
     def tokens_trained(self, steps: int) -> int:
-        """Tokens the first ``steps`` optimizer steps of this run trained on (every global batch size it had)."""
-        return (self.samples_before(steps) - self.first_sample) * self.seq_len
+        """Tokens the first ``steps`` optimizer steps of this run trained on (every global batch size it
+        had; samples skipped by a rollback after loss spikes not counted)."""
+        return (self.samples_before(steps) - self.first_sample - self.skipped_samples) * self.seq_len
 
     def epochs_completed(self, steps: int) -> dict[str, float]:
         """Epochs of each source read by the first ``steps`` optimizer steps (fractional), with step_offset."""
@@ -259,7 +262,8 @@ class TokenData(L.LightningDataModule):
     def state_dict(self) -> dict:
         step = self.trainer.global_step if self.trainer is not None else 0
         return {"stream": self.stream(), "global_batch_size": self.global_batch_size, "step": step,
-                "samples_seen": self.samples_before(step), "first_sample": self.first_sample}
+                "samples_seen": self.samples_before(step), "first_sample": self.first_sample,
+                "skipped_samples": self.skipped_samples}
 
     def load_state_dict(self, state: dict) -> None:
         saved, now = state["stream"], self.stream()
@@ -278,6 +282,16 @@ class TokenData(L.LightningDataModule):
             log.info("global batch %d -> %d at step %d (sample %d)", state["global_batch_size"],
                      self.global_batch_size, state["step"], state["samples_seen"])
         self.origin, self.first_sample = (state["step"], state["samples_seen"]), state["first_sample"]
+        self.skipped_samples = state.get("skipped_samples", 0)
+        rollback = self.pending_rollback
+        if rollback is not None and rollback["to_checkpoint_step"] == state["step"]:
+            # loss spikes after this checkpoint: go on from the sample after the last of them
+            self.origin = (state["step"], rollback["resume_at_sample"])
+            self.skipped_samples += rollback["skipped_samples"]
+            if self._is_rank_zero():
+                log.info("rolled back to step %d: skipping samples %d to %d (the data of the spikes at steps %s)",
+                         state["step"], state["samples_seen"], rollback["resume_at_sample"] - 1,
+                         ", ".join(map(str, rollback["spike_steps"])))
 
     def _is_rank_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero

@@ -19,6 +19,10 @@ class CheckpointError(TinyTrainError, ValueError):
     """A checkpoint that is missing, damaged or not what the run expects."""
 
 
+class TrainingError(TinyTrainError, RuntimeError):
+    """Training cannot go on as configured (loss spikes with nothing to roll back to, a rollback to re-run)."""
+
+
 def argument_parser(**kwargs):
     """An argparse parser whose errors are one line, `<prog>: error: ...` (exit code 2), without the
     usage block argparse prints first (`--help` still shows it)."""

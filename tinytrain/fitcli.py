@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from tinytrain.callbacks import Checkpointing
+from tinytrain.callbacks import Checkpointing, requeue_slurm_job
 from tinytrain.console import StepProgress
 from tinytrain.evalloop import DownstreamEval
 from tinytrain.checkpoint import STATE, damage, latest_checkpoint, point_last, resolve_checkpoint, set_aside, step_dirs
-from tinytrain.errors import ConfigError
+from tinytrain.errors import ConfigError, TrainingError
 from tinytrain.runlock import RunLock
+from tinytrain.spikes import read_rollbacks, record_rollback
 
 log = logging.getLogger("tinytrain")
 
@@ -95,6 +99,7 @@ class TinyTrainCLI(LightningCLI):
                     log.info("resuming from %s", found)
                     self._set_aside_damaged(folder, found)
                 fit_config["ckpt_path"] = str(found / STATE)
+                self._pending_rollback(folder, int(found.name.removeprefix("step-")))
             elif branch is not None:
                 ckpt_cb.branched_from = str(branch.parent)
                 if rank_zero:
@@ -126,10 +131,55 @@ class TinyTrainCLI(LightningCLI):
         if last.is_symlink() and not last.exists():
             point_last(folder, resumed)
 
+    def _pending_rollback(self, folder: Path, step: int) -> None:
+        """A rollback after loss spikes that went back to this checkpoint: the resume skips their data."""
+        matching = [r for r in read_rollbacks(folder) if r["to_checkpoint_step"] == step]
+        if matching:
+            self.datamodule.pending_rollback = self.model.pending_rollback = matching[-1]
+
     def after_fit(self) -> None:
-        lock = getattr(self._checkpointing(), "lock", None)
+        ckpt_cb = self._checkpointing()
+        request = getattr(self.model, "rollback_request", None)
+        if request is not None:
+            self._roll_back(ckpt_cb.folder(self.trainer), request)
+        lock = getattr(ckpt_cb, "lock", None)
         if lock is not None:
             lock.release()
+        if request is not None:
+            self._start_again()
+
+    def _roll_back(self, folder: Path, request: dict) -> None:
+        spikes = [s + 1 for s in request["spikes"]]
+        newest = latest_checkpoint(folder)
+        if newest is None:
+            raise TrainingError(f"loss spikes at steps {', '.join(map(str, spikes))} and no checkpoint in {folder} to "
+                                "roll back to; lower the learning rate or raise model.spikes.threshold")
+        to_step = int(newest.name.removeprefix("step-"))
+        dm = self.datamodule
+        resume_at = dm.samples_before(request["at_step"] + 1)
+        entry = {"spike_steps": spikes, "to_checkpoint_step": to_step, "resume_at_sample": resume_at,
+                 "skipped_samples": resume_at - dm.samples_before(to_step),
+                 "skipped_data_of_steps": [to_step + 1, request["at_step"] + 1],
+                 "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.trainer.is_global_zero:
+            record_rollback(folder, entry)
+            log.warning("loss spikes at steps %s: rolling back to %s and skipping the data of steps %d to %d",
+                        ", ".join(map(str, spikes)), newest, to_step + 1, request["at_step"] + 1)
+        self.trainer.strategy.barrier("tinytrain.rollback")
+
+    def _start_again(self) -> None:
+        """After a rollback: the same command again, from the checkpoint it went back to."""
+        if os.environ.get("SLURM_JOB_ID"):
+            if self.trainer.is_global_zero:
+                requeue_slurm_job()
+            raise SystemExit(0)
+        if self.trainer.world_size == 1 and sys.argv[1:2] == ["fit"]:
+            log.info("starting again from the rolled-back checkpoint")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "tinytrain.cli", *sys.argv[1:]])
+        raise TrainingError("rolled back after loss spikes (see rollbacks.json in the checkpoint folder); run the "
+                            "same command again to go on")
 
     def before_validate(self) -> None:
         config = self.config_init[self.subcommand]

@@ -26,6 +26,7 @@ from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.model import Llama, LlamaConfig, with_tied_head
 from tinytrain.monitor import Throughput
 from tinytrain.optim import OptimConfig, adamw
+from tinytrain.spikes import SpikeConfig, SpikeGuard
 from tinytrain.step import train_step
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class LitLlama(L.LightningModule):
         document_masking: bool = False,
         document_positions: bool = False,
         ema_decay: Optional[float] = None,
+        spikes: SpikeConfig = SpikeConfig(),
     ) -> None:
         """A Llama model trained on next-token prediction.
 
@@ -75,6 +77,9 @@ class LitLlama(L.LightningModule):
             ema_decay: Keep an exponential moving average of the weights with this decay (e.g. 0.999;
                 ramped up as min(decay, (1 + t) / (10 + t))), sharded like the parameters, saved in
                 every checkpoint; `tinytrain average --ema CHECKPOINT OUT` writes it as a model.
+            spikes: Loss-spike recovery (tinytrain.spikes): skip the update of a step whose loss or
+                gradient norm is not finite or far above its recent history; roll back to the newest
+                checkpoint after several, skipping the data that caused them.
         """
         super().__init__()
         if init_from == "???":
@@ -87,6 +92,9 @@ class LitLlama(L.LightningModule):
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.ema_decay = ema_decay
+        self.spike_guard = SpikeGuard(spikes) if spikes.enabled else None
+        self.rollback_request: Optional[dict] = None  # set when spikes call for a rollback (fitcli acts on it)
+        self.pending_rollback: Optional[dict] = None  # the rollback this run resumes from (set by fitcli)
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
         self.ema = None  # tinytrain.ema.WeightAverage when ema_decay is set
@@ -202,7 +210,13 @@ class LitLlama(L.LightningModule):
         step = self.global_step
         lr = self.optim.lr_at(step)
         loss, grad_norm = train_step(self.model, self.optimizers(), batch, lr, self.optim.grad_clip,
-                                     backward=self.manual_backward)
+                                     backward=self.manual_backward,
+                                     accept=self._accept_step if self.spike_guard is not None else None)
+        if self.spike_guard is not None and self.spike_guard.skipped[-1:] == [step] \
+                and self.spike_guard.rollback_due(step):
+            self.rollback_request = {"spikes": [s for s in self.spike_guard.skipped
+                                                if s > step - self.spike_guard.config.window], "at_step": step}
+            self.trainer.should_stop = True
         if self.ema is not None:
             self.ema.update(self.model, step)
         # Only on the steps Lightning writes logs: each logged value costs a device sync, and the
@@ -213,9 +227,25 @@ class LitLlama(L.LightningModule):
             self.log("train/lr", lr)
             self.log("train/grad_norm", grad_norm)
             self.log("train/tokens", float(dm.tokens_trained(step + 1)))
+            if self.spike_guard is not None:
+                self.log("train/spikes_skipped", float(len(self.spike_guard.skipped)))
             for name, epochs in dm.epochs_completed(step + 1).items():
                 self.log(f"data/epochs/{name}", epochs)
         return loss
+
+    def _accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step's update is taken (see tinytrain.spikes); the same answer on every rank."""
+        step = self.global_step
+        mean_loss = float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+        reason = self.spike_guard.check(step, mean_loss, float(grad_norm))
+        if reason is None:
+            return True
+        if self.trainer.is_global_zero:
+            log.warning("step %d: loss spike (%s): update skipped", step + 1, reason)
+            if self.logger is not None:
+                self.logger.log_metrics({"train/spike_loss": mean_loss, "train/spike_grad_norm": float(grad_norm)},
+                                        step=step)
+        return False
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses: dict[int, list[torch.Tensor]] = {}
@@ -269,6 +299,8 @@ class LitLlama(L.LightningModule):
         spec = self._data_spec()
         checkpoint["tinytrain"] = {"model_config": self.config.to_dict(),
                                    "tokenizer_sha256": spec.tokenizer_sha256 if spec is not None else None}
+        if self.spike_guard is not None:
+            checkpoint["tinytrain"]["spikes"] = self.spike_guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("tinytrain", {})
@@ -280,6 +312,10 @@ class LitLlama(L.LightningModule):
                 f"the data now given ({spec.tokenizer}) was made with sha256 {current}; resume with the original "
                 "data, or start a new run (--checkpoint.resume false, or --model.init_from)")
         self._match_ema_state(checkpoint.get("state_dict"))
+        if self.spike_guard is not None:
+            self.spike_guard.load_state_dict(saved.get("spikes", {}))
+            if self.pending_rollback is not None:
+                self.spike_guard.rollbacks.append(self.pending_rollback)
         if saved.get("model_config") is not None and LlamaConfig(**saved["model_config"]) != self.config:
             raise CheckpointError("the checkpoint was trained with a different model config; differing fields "
                                   + LlamaConfig(**saved["model_config"]).differences(self.config, "checkpoint", "recipe"))
@@ -301,3 +337,9 @@ class LitLlama(L.LightningModule):
             for name in dict(self.model.named_parameters()):
                 state[PREFIX + buffer_name(name)] = state[MODEL_PREFIX + name].clone()
 
+    def checkpoint_meta(self) -> dict:
+        """What meta.json records beside the usual: skipped steps and rollbacks."""
+        if self.spike_guard is None:
+            return {}
+        return {"spikes": {"skipped_steps": [s + 1 for s in self.spike_guard.skipped],
+                           "rollbacks": self.spike_guard.rollbacks}}

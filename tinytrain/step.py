@@ -56,11 +56,14 @@ def grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
 
 def train_step(model: nn.Module, optimizer, batch: torch.Tensor, lr: float, grad_clip: float,
                backward: Optional[Callable[[torch.Tensor], None]] = None,
-               timer: Optional[StepTimer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               timer: Optional[StepTimer] = None,
+               accept: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the gradients of every micro-batch of ``batch``, clip, and take one optimizer
     step at learning rate ``lr``. Returns (mean loss, gradient norm before clipping).
 
     ``backward`` defaults to ``Tensor.backward`` (Lightning passes its ``manual_backward``).
+    ``accept(loss, grad_norm)`` returning False skips the update: the optimizer steps with no
+    gradients (AdamW leaves parameters and state alone), so the step still counts.
     Under FSDP2, gradients are reduced once, after the last micro-batch, and with several
     micro-batches each block's parameters are gathered once per step, not twice per micro-batch
     (see ``parallel.gathered_for_step``).
@@ -81,6 +84,8 @@ def train_step(model: nn.Module, optimizer, batch: torch.Tensor, lr: float, grad
             if timer is not None:
                 timer.mark("micro_batch")
     norm = grad_norm(model, grad_clip)
+    if accept is not None and not accept(total / accum, norm):
+        optimizer.zero_grad(set_to_none=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if timer is not None:
