@@ -270,25 +270,33 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
-    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+    def init_weights(self, generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> None:
         """TinyLlama's initialisation; also rebuilds the RoPE tables (after meta-device construction).
 
         Embeddings and linears: normal(0, sqrt(2 / (5 d))) (small init, Nguyen & Salazar 2019).
         Output projections of attention and MLP: normal(0, 1 / (sqrt(d) * n_layers)), which keeps
         the residual stream's variance from growing with depth. Norm weights: ones.
+
+        The same weights on one device and sharded over any number of ranks: each parameter is drawn
+        whole from its own generator, seeded with a base seed plus its index, and a sharded parameter
+        (a DTensor under FSDP2) keeps its rank's part of that whole tensor. The base is ``seed``
+        (training passes the run's seed) or else one draw from ``generator`` (default: torch's
+        global generator). On the meta device nothing is drawn.
         """
+        if self.embed_tokens.weight.device.type == "meta":
+            return
         c = self.config
         std = c.initializer_std if c.initializer_std is not None else math.sqrt(2.0 / (5 * c.hidden_size))
         out_std = 1.0 / math.sqrt(c.hidden_size) / c.num_hidden_layers
-        for name, p in self.named_parameters():
+        base = seed if seed is not None else int(torch.randint(0, 2**62, (), generator=generator))
+        for index, (name, p) in enumerate(self.named_parameters()):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, out_std, generator=generator)
+                _init_whole(p, out_std, base + index)
             elif p.ndim == 2:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+                _init_whole(p, std, base + index)
             else:
                 nn.init.ones_(p)
-        if self.rope_cos.device.type != "meta":
-            self.init_rope()
+        self.init_rope()
 
     def init_rope(self) -> None:
         """(Re)build the RoPE tables on the weights' device; they are buffers no checkpoint stores."""
@@ -357,6 +365,21 @@ class Llama(nn.Module):
     def clear_kv_caches(self) -> None:
         for block in self.layers:
             block.self_attn.kv_cache = None
+
+
+@torch.no_grad()
+def _init_whole(p: torch.Tensor, std: float, seed: int) -> None:
+    """normal(0, std) into ``p``, drawn whole from a generator seeded with ``seed``; a DTensor keeps
+    its own part of the whole draw (no communication), so the values do not depend on the sharding."""
+    local = p.to_local() if hasattr(p, "to_local") else p
+    gen = torch.Generator(device=local.device).manual_seed(seed)
+    if local is p:
+        p.normal_(0.0, std, generator=gen)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = torch.empty(p.shape, dtype=local.dtype, device=local.device).normal_(0.0, std, generator=gen)
+    local.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
 
 
 def positions_in_documents(starts: torch.Tensor) -> torch.Tensor:

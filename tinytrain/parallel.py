@@ -189,7 +189,7 @@ def build_sharded(config, mesh, device: torch.device, param_dtype: Optional[torc
     apply_fsdp(model, mesh, param_dtype, gather_once_per_step)
     model.to_empty(device=device)
     with torch.no_grad():
-        model.init_weights()
+        model.init_weights(seed=init_seed())
     return model
 
 
@@ -211,7 +211,18 @@ def init_one_process_group(device: torch.device) -> bool:
 
 
 def build(config, switches: Switches = Switches(), device: Optional[torch.device] = None, bos_id: int = 1) -> Llama:
-    """The model on one device, switched (see ``prepare``)."""
-    model = Llama(config)
+    """The model on one device, switched (see ``prepare``), with the weights ``build_sharded``
+    gives at any world size."""
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device=device or "cpu")
+    with torch.no_grad():
+        model.init_weights(seed=init_seed())
     prepare(model, switches, device, bos_id)
     return model
+
+
+def init_seed() -> int:
+    """The base seed of a training run's initial weights: torch's initial seed, which the run's
+    seed (seed_everything) sets alike in every process, whatever has drawn numbers since."""
+    return torch.initial_seed()
