@@ -112,8 +112,10 @@ def main(argv: list[str]) -> None:
     from tinytrain.errors import argument_parser
 
     parser = argument_parser(prog="tinytrain average",
+                             usage="tinytrain average CHECKPOINT CHECKPOINT [...] OUT [--mode exponential --decay D]\n"
+                                   "       tinytrain average --ema CHECKPOINT OUT",
                              description="Average the weights of several checkpoints into a new checkpoint folder.")
-    parser.add_argument("paths", nargs="+", metavar="CHECKPOINT ... OUT",
+    parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="two or more checkpoints (run folders, step-N folders, sharded or not, HF folders), "
                              "then the new output folder")
     parser.add_argument("--mode", choices=MODES, default="uniform")

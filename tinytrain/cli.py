@@ -255,6 +255,10 @@ def _expected() -> tuple[type, ...]:
     return (TinyTrainError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ArgumentError)
 
 
+MODULE_COMMANDS = {"plan": "tinytrain.plan", "evaluate": "tinytrain.evaluate", "average": "tinytrain.average",
+                   "plot": "tinytrain.plot"}
+
+
 def _run(command: str, argv: list[str], from_command_line: bool) -> None:
     if command == "generate":
         return generate_main(argv[1:])
@@ -264,22 +268,10 @@ def _run(command: str, argv: list[str], from_command_line: bool) -> None:
         return prepare_main(argv[1:])
     if command == "convert":
         return convert_main(argv[1:])
-    if command == "plan":
-        from tinytrain.plan import main as plan_main
+    if command in MODULE_COMMANDS:  # each module's main(argv), imported only when asked for
+        import importlib
 
-        return plan_main(argv[1:])
-    if command == "evaluate":
-        from tinytrain.evaluate import main as evaluate_main
-
-        return evaluate_main(argv[1:])
-    if command == "average":
-        from tinytrain.average import main as average_main
-
-        return average_main(argv[1:])
-    if command == "plot":
-        from tinytrain.plot import main as plot_main
-
-        return plot_main(argv[1:])
+        return importlib.import_module(MODULE_COMMANDS[command]).main(argv[1:])
     from tinytrain.fitcli import TinyTrainCLI
 
     if command not in TinyTrainCLI.subcommands():
