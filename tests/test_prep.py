@@ -404,3 +404,49 @@ def test_workers_exit_when_their_parent_is_killed(corpus, tmp_path):
     alive = [w for w in workers if Path(f"/proc/{w}").exists()
              and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not alive, f"workers {alive} outlived their parent"
+
+
+def test_tasks_share_the_units_and_the_last_writes_what_one_machine_would(corpus, tmp_path):
+    """Three tasks (as a SLURM array runs them): each prepares its units; one is killed and run
+    again; --finalize names what is missing until every unit is done; the result is byte-identical
+    to a one-process run."""
+    big = (tmp_path / "big", None, corpus[2])
+    write_mixed_corpus(big[0] / "corpus", seed=3, files=40, per_file=60)
+    reference = tmp_path / "reference"
+    run_tinytrain("prepare", "--config", write_spec(big, reference, "ref.yaml"), cwd=tmp_path)
+    out = tmp_path / "out"
+    spec = write_spec(big, out)
+    for index in ("0", "2"):
+        proc = run_tinytrain("prepare", "--config", spec, "--num_tasks", "3", "--task_index", index, cwd=tmp_path)
+        assert proc.stdout.strip() == "" and "still to come" in proc.stderr
+    env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache"), "SLURM_ARRAY_TASK_COUNT": "3",
+           "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0"}  # the index from SLURM's variables
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "web" / ".prep" / "unit-000004.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "web" / "manifest.json").exists()
+
+    early = run_tinytrain("prepare", "--config", spec, "--finalize", "--num_tasks", "3", cwd=tmp_path, check=False)
+    last = early.stderr.strip().splitlines()[-1]
+    assert early.returncode == 1 and last.startswith("tinytrain prepare: error: ")
+    assert "units are not done yet" in last and "of tasks 1 of 3" in last
+    assert not (out / "web" / "manifest.json").exists()
+
+    again = subprocess.run([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec)], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "in task 1 of 3" in again.stderr  # it kept the units it had finished
+    assert tree_digest(out) == tree_digest(reference)
+    # finalize on a finished preparation only says so
+    done = run_tinytrain("prepare", "--config", spec, "--finalize", cwd=tmp_path)
+    assert "already prepared" in done.stderr
+
+
+def test_task_index_out_of_range_is_refused(corpus, tmp_path):
+    proc = run_tinytrain("prepare", "--config", write_spec(corpus, tmp_path / "out"), "--num_tasks", "3",
+                         "--task_index", "3", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("tinytrain prepare: error: --task_index must be in "
+                                                    "[0, --num_tasks=3), got 3")

@@ -2,6 +2,7 @@
 script, 2 CPU tasks with FSDP2 over gloo, and preemption mid-run."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -152,3 +153,46 @@ def test_preempted_job_resumes_to_the_same_result(slurm_cluster, reference, code
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-6), step
     for name, tensor in ref_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-8)
+
+
+def test_prepare_as_an_array_with_a_task_requeued(slurm_cluster, tmp_path):
+    """slurm/prepare.sbatch as a 3-task array: one task is requeued while it works, the finalize job
+    runs after all of them, and the prepared folders are byte-identical to a one-process run."""
+    import random
+
+    from conftest import run_tinytrain, tree_digest
+    from test_prep import _text, write_mixed_corpus, write_spec
+    from tinytrain.tokenizer import train_tokenizer
+
+    rng = random.Random(1)
+    tok = train_tokenizer((_text(rng) for _ in range(4000)), tmp_path / "tok.model", 512)
+    corpus = (tmp_path, None, tok)
+    write_mixed_corpus(tmp_path / "corpus", seed=3, files=240, per_file=120)  # tasks of seconds, not less
+    reference = tmp_path / "reference"
+    run_tinytrain("prepare", "--config", write_spec(corpus, reference, "ref.yaml"), cwd=tmp_path)
+    out = tmp_path / "out"
+    spec = write_spec(corpus, out)
+
+    job_env = {**slurm_cluster, "TINYTRAIN": f"{sys.executable} -m tinytrain.cli", "PYTHONUNBUFFERED": "1",
+               "TINYTRAIN_CACHE": str(tmp_path / "cache")}
+
+    def submit(*args) -> str:
+        cmd = ["sbatch", "--parsable", "--cpus-per-task", "1", "--time", "15", *args]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().split(";")[0]
+
+    script = str(ROOT / "slurm" / "prepare.sbatch")
+    array = submit("--array=0-2", script, "--config", spec)
+    final = submit(f"--dependency=afterany:{array}", script, "--finalize", "--num_tasks", "3", "--config", spec)
+    # requeue task 1 once it has finished a unit of its own (1, 4, 7, ...)
+    wait_until(lambda: any((out / "web" / ".prep" / f"unit-{u:06d}.json").exists() for u in (1, 4, 7)), 300,
+               "task 1's first unit")
+    requeue = subprocess.run(["scontrol", "requeue", f"{array}_1"], capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    for job in (f"{array}_0", f"{array}_1", f"{array}_2", final):
+        wait_for_job(job)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-tinytrain-prepare-*.out"))
+    kept = re.search(r"web: (\d+) of \d+ units already done and verified; (\d+) to go in task 1 of 3", logs)
+    assert kept and int(kept.group(2)) > 0, logs  # requeued while it worked: it kept what it had done
+    assert tree_digest(out) == tree_digest(reference)

@@ -43,6 +43,8 @@ def _setup_logging() -> None:
 
 PREPARE_USAGE = """usage:
   tinytrain prepare --config data_prep/SPEC.yaml [--workers N] [--out DIR] [--key value ...]
+  tinytrain prepare --config data_prep/SPEC.yaml --num_tasks N --task_index I   one share (a SLURM array task)
+  tinytrain prepare --config data_prep/SPEC.yaml --finalize                    write the manifests of a shared run
   tinytrain prepare --verify DIR
   tinytrain prepare tokenizer --config data_prep/SPEC.yaml --out T.model [--vocab_size 32000]
   tinytrain prepare --corpus DIR --out DIR [--tokenizer T.model] [--vocab_size N] [--val_fraction F]
@@ -85,10 +87,21 @@ def parse_spec(argv: list[str], prog: str = "tinytrain prepare", description: st
 
 
 def prepare_spec_main(argv: list[str]) -> None:
-    from tinytrain.prep import prepare
+    from tinytrain.errors import argument_parser
+    from tinytrain.prep import Share, prepare
 
-    spec = parse_spec(argv, description="Tokenize a spec's sources into one prepared folder each.")
-    for folder in prepare(spec, show_progress=sys.stderr.isatty() or bool(os.environ.get("TINYTRAIN_PROGRESS"))):
+    tasks = argument_parser(prog="tinytrain prepare", add_help=False)
+    env = os.environ
+    tasks.add_argument("--num_tasks", type=int, default=int(env.get("SLURM_ARRAY_TASK_COUNT", 1)))
+    tasks.add_argument("--task_index", type=int, default=None)
+    tasks.add_argument("--finalize", action="store_true")
+    args, rest = tasks.parse_known_args(argv)
+    if args.task_index is None:  # a SLURM array task counts from the array's first index
+        args.task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    share = Share(args.task_index, args.num_tasks, args.finalize)
+    spec = parse_spec(rest, description="Tokenize a spec's sources into one prepared folder each.")
+    for folder in prepare(spec, show_progress=sys.stderr.isatty() or bool(os.environ.get("TINYTRAIN_PROGRESS")),
+                          share=share):
         print(folder)
 
 

@@ -12,6 +12,9 @@ settings, so:
 - N worker processes produce byte-identical folders whatever N is;
 - a finished unit is recorded in ``<out>/<name>/.prep/`` the moment its shards are on disk, and an
   interrupted run (killed, preempted, disk full) verifies those and does only the rest;
+- several tasks (a SLURM array, or machines sharing a filesystem) each prepare the units whose id
+  is their index modulo their count (`--num_tasks N --task_index I`); the task that finds every
+  unit done, or `--finalize`, writes the manifest, the same bytes as one machine would;
 - the held-out validation documents are chosen by a hash of (file, line), not by position in a
   worker's queue.
 
@@ -24,11 +27,11 @@ pyarrow (the columnar library `datasets` is built on), loading only the columns 
 hub datasets go through `datasets.load_dataset(..., streaming=True)`, one unit per shard.
 """
 
-from tinytrain.prep.pipeline import (plan_for, plan_units, prepare, prepared_folders, run_unit, source_files,
-                                     train_spec_tokenizer, verify_folder)
+from tinytrain.prep.pipeline import Share, plan_for, plan_units, prepare, run_unit, source_files
+from tinytrain.prep.verify import prepared_folders, train_spec_tokenizer, verify_folder
 from tinytrain.prep.readers import FORMATS, file_format
 from tinytrain.prep.spec import PREP_VERSION, Filter, PrepError, PrepSpec, Source, is_validation, lookup
 
-__all__ = ["FORMATS", "PREP_VERSION", "Filter", "PrepError", "PrepSpec", "Source", "file_format", "is_validation",
+__all__ = ["FORMATS", "PREP_VERSION", "Filter", "PrepError", "PrepSpec", "Share", "Source", "file_format", "is_validation",
            "lookup", "plan_for", "plan_units", "prepare", "prepared_folders", "run_unit", "source_files",
            "train_spec_tokenizer", "verify_folder"]

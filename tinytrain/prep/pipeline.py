@@ -14,24 +14,24 @@ import functools
 import itertools
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
+import re
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from tinytrain import shards
+from tinytrain.prep.progress import Progress
 from tinytrain.prep.readers import COUNTERS, FileReport, file_format, unit_documents
-from tinytrain.prep.spec import PREP_VERSION, Filter, PrepError, PrepSpec, Source, check_sources, check_spec, is_validation
-from tinytrain.tokenizer import Tokenizer, train_tokenizer
+from tinytrain.prep.spec import PREP_VERSION, Filter, PrepError, PrepSpec, Source, check_spec, is_validation
+from tinytrain.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,9 @@ def _writing_error(e: OSError, path: Optional[Path] = None) -> PrepError:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Write a JSON file atomically; on failure leave nothing (not even the temp file)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a JSON file atomically; on failure leave nothing (not even the temp file). The temp
+    name holds the pid: several tasks of one preparation may write the same plan at once."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
         os.replace(tmp, path)
@@ -254,9 +255,30 @@ def _difference(old: dict, new: dict, prefix: str = "") -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class Share:
+    """Task ``index`` of ``count`` (a SLURM array, or separate machines on a shared filesystem)
+    prepares the units whose id is ``index`` modulo ``count``; ``finalize`` only joins finished units."""
+
+    index: int = 0
+    count: int = 1
+    finalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise PrepError(f"--task_index must be in [0, --num_tasks={self.count}), got {self.index}")
+
+    def owns(self, unit_id: int) -> bool:
+        return not self.finalize and unit_id % self.count == self.index
+
+
+FINALIZE_LOCK = "finalize.lock"
+
+
 def prepare_source(source: Source, spec: PrepSpec, tokenizer: Tokenizer, executor=None,
-                   progress: Optional["Progress"] = None) -> Path:
-    """Prepare (or finish preparing) one source into <out>/<name>; return the folder."""
+                   progress: Optional[Progress] = None, share: Share = Share()) -> Optional[Path]:
+    """Prepare (or finish preparing) one source into <out>/<name>; return the folder, or None when
+    this task's share is done and other tasks' units are still missing."""
     folder = Path(spec.out).expanduser() / source.name
     if (folder / shards.MANIFEST).is_file():
         log.info("%s: already prepared (%s); `tinytrain prepare --verify %s` re-checks it", source.name, folder, folder)
@@ -273,24 +295,18 @@ def prepare_source(source: Source, spec: PrepSpec, tokenizer: Tokenizer, executo
     else:
         work.mkdir(parents=True, exist_ok=True)
         _write_json(plan_path, plan)
+    mine = {u["id"] for u in plan["units"] if share.owns(u["id"])}
     for stray in itertools.chain(folder.glob("*.tmp"), work.glob("*.tmp")):
-        stray.unlink()
+        # another task's temporary files are its own business
+        owner = re.match(r"(?:unit|val|train)-(\d{6})", stray.name)
+        if share.count == 1 or (owner is not None and int(owner.group(1)) in mine):
+            stray.unlink(missing_ok=True)
 
-    records: dict[int, dict] = {}
-    for unit in plan["units"]:
-        path = unit_record_path(folder, unit["id"])
-        if path.is_file():
-            record = json.loads(path.read_text())
-            problem = unit_is_intact(folder, record)
-            if problem is None:
-                records[unit["id"]] = record
-                continue
-            log.warning("%s: unit %d is redone: %s", source.name, unit["id"], problem)
-            path.unlink()
-    todo = [u for u in plan["units"] if u["id"] not in records]
+    records = _finished_units(folder, source, plan, mine)
+    todo = [u for u in plan["units"] if u["id"] in mine and u["id"] not in records]
     if records:
-        log.info("%s: %d of %d units already done and verified; %d to go", source.name, len(records),
-                 len(plan["units"]), len(todo))
+        log.info("%s: %d of %d units already done and verified; %d to go%s", source.name, len(records),
+                 len(plan["units"]), len(todo), f" in task {share.index} of {share.count}" if share.count > 1 else "")
     if progress is not None:
         progress.start(source.name, sum(u.get("bytes", 0) for u in todo) if source.path else None)
     args = (str(folder), plan)
@@ -314,7 +330,50 @@ def prepare_source(source: Source, spec: PrepSpec, tokenizer: Tokenizer, executo
     if progress is not None:
         progress.drain()
         progress.close()
+    if len(records) < len(plan["units"]):  # other tasks' units, finished since
+        records.update(_finished_units(folder, source, plan, set()))
+    missing = [u["id"] for u in plan["units"] if u["id"] not in records]
+    if missing:
+        tasks = sorted({i % share.count for i in missing})
+        if share.finalize:
+            owners = f", of tasks {_ids(tasks)} of {share.count}" if share.count > 1 else ""
+            raise PrepError(f"{folder}: {len(missing)} of {len(plan['units'])} units are not done yet (units "
+                            f"{_ids(missing)}{owners}); run those tasks again, then finalize")
+        log.info("%s: task %d of %d done; %d units of tasks %s still to come (the last task to finish, or "
+                 "--finalize, writes the manifest)", source.name, share.index, share.count, len(missing), _ids(tasks))
+        return None
+    if share.count > 1 and not share.finalize:
+        try:  # the tasks that find every unit done: one of them writes the manifest
+            os.close(os.open(work / FINALIZE_LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            log.info("%s: every unit is done; another task writes the manifest", source.name)
+            return None
     return finish_source(folder, source, plan, [records[u["id"]] for u in plan["units"]], tokenizer)
+
+
+def _ids(ids: list[int], most: int = 12) -> str:
+    return ", ".join(map(str, ids[:most])) + (f" ... ({len(ids)} in all)" if len(ids) > most else "")
+
+
+def _finished_units(folder: Path, source: Source, plan: dict, mine: set[int]) -> dict[int, dict]:
+    """The units whose records are there and whose files are intact. A damaged unit of this task
+    (``mine``) is removed, to be redone; another task's is left to that task."""
+    records: dict[int, dict] = {}
+    for unit in plan["units"]:
+        path = unit_record_path(folder, unit["id"])
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+        problem = unit_is_intact(folder, record) if record is not None else "unreadable record"
+        if problem is None:
+            records[unit["id"]] = record
+        elif unit["id"] in mine:
+            log.warning("%s: unit %d is redone: %s", source.name, unit["id"], problem)
+            path.unlink()
+    return records
 
 
 def finish_source(folder: Path, source: Source, plan: dict, records: list[dict], tokenizer: Tokenizer) -> Path:
@@ -361,104 +420,18 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
 
 
 
-# --- progress ---------------------------------------------------------------------------------
-
-
-class Progress:
-    """A progress bar over input bytes (so it has an ETA) with documents, tokens and tokens/s."""
-
-    def __init__(self, queue=None, enabled: bool = True) -> None:
-        self.queue, self.enabled, self.bar = queue, enabled, None
-
-    def start(self, name: str, total_bytes: Optional[int]) -> None:
-        from tqdm import tqdm
-
-        self.docs = self.tokens = 0
-        self.t0 = time.monotonic()
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=name, disable=not self.enabled,
-                        file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, nbytes: int, docs: int, tokens: int) -> None:
-        self.docs += docs
-        self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            rate = self.tokens / max(1e-9, time.monotonic() - self.t0)
-            self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens:,} tokens, {rate:,.0f} tok/s", refresh=False)
-
-    def drain(self) -> None:
-        if self.queue is None:
-            return
-        import queue as queue_mod
-
-        while True:
-            try:
-                self.update(*self.queue.get_nowait())
-            except queue_mod.Empty:
-                return
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def prepare(spec: PrepSpec, show_progress: bool = True) -> list[Path]:
-    """Prepare every source of the spec; return their folders."""
+def prepare(spec: PrepSpec, show_progress: bool = True, share: Share = Share()) -> list[Path]:
+    """Prepare every source of the spec (this task's share of it); return the folders finished."""
     check_spec(spec)
     tokenizer = Tokenizer(Path(spec.tokenizer).expanduser())
     Path(spec.out).expanduser().mkdir(parents=True, exist_ok=True)
-    if spec.workers == 1:
+    if spec.workers == 1 or share.finalize:
         progress = Progress(enabled=show_progress)
-        return [prepare_source(s, spec, tokenizer, None, progress) for s in spec.sources]
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    queue = ctx.Queue()
-    progress = Progress(queue, enabled=show_progress)
-    with ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        return [prepare_source(s, spec, tokenizer, pool, progress) for s in spec.sources]
-
-
-
-# --- verify and tokenizer training --------------------------------------------------------------
-
-
-def prepared_folders(path: Path) -> list[Path]:
-    """The prepared folder itself, or the prepared folders directly inside it (a spec's out)."""
-    path = Path(path)
-    if (path / shards.MANIFEST).is_file() or not path.is_dir():
-        return [path]
-    found = sorted(p.parent for p in path.glob(f"*/{shards.MANIFEST}"))
-    return found or [path]
-
-
-def verify_folder(folder: Path) -> str:
-    """Re-check every shard's checksum and token ids and the tokenizer; raise ShardError naming the file."""
-    manifest = shards.read_manifest(folder)
-    vocab = manifest["tokenizer"].get("vocab_size")
-    tok_path = Path(folder) / "tokenizer.model"
-    if tok_path.is_file() and Tokenizer(tok_path).sha256 != manifest["tokenizer"].get("sha256"):
-        raise shards.ShardError(f"{tok_path}: sha256 differs from the manifest's tokenizer: the file was replaced")
-    summary = []
-    for split, entries in manifest["splits"].items():
-        if not entries:
-            continue
-        stream = shards.open_split(folder, split, vocab, None, verify="full")
-        summary.append(f"{split} {len(entries)} shards, {len(stream):,} tokens")
-    return f"{folder}: ok ({'; '.join(summary)})"
-
-
-def sample_lines(spec: PrepSpec, documents: int) -> Iterator[str]:
-    """Lines of about ``documents`` documents spread over every unit of every source."""
-    for source in spec.sources:
-        root, units = plan_units(source, spec.unit_bytes)
-        per_unit = max(1, math.ceil(documents / len(spec.sources) / len(units)))
-        for unit in units:
-            docs = unit_documents(source, root, unit, False, [], lambda n: None)
-            for _, text in itertools.islice(docs, per_unit):
-                yield from (line for line in text.split("\n") if line.strip())
-
-
-def train_spec_tokenizer(spec: PrepSpec, out: Path, vocab_size: int, documents: int, max_lines: int) -> Tokenizer:
-    """Train a BPE tokenizer (byte fallback, Llama's special ids) on a sample of the spec's sources."""
-    check_sources(spec)
-    return train_tokenizer(sample_lines(spec, documents), out, vocab_size, sample_lines=max_lines)
+        done = [prepare_source(s, spec, tokenizer, None, progress, share) for s in spec.sources]
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        queue = ctx.Queue()
+        progress = Progress(queue, enabled=show_progress)
+        with ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            done = [prepare_source(s, spec, tokenizer, pool, progress, share) for s in spec.sources]
+    return [folder for folder in done if folder is not None]
