@@ -37,7 +37,7 @@ def write_tasks(folder):
     data.mkdir()
     with open(data / "choice.jsonl", "w") as f:
         for a in ANIMALS:
-            f.write(json.dumps({"question": f"the {a} is", "choices": [f" {c}" for c in COLORS],
+            f.write(json.dumps({"question": f"the {a} is", "choices": COLORS,  # the harness puts " " between
                                 "answer": COLORS.index(COLOR_OF[a])}) + "\n")
     with open(data / "gen.jsonl", "w") as f:
         for a in ANIMALS:
