@@ -450,3 +450,20 @@ def test_task_index_out_of_range_is_refused(corpus, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == ("tinytrain prepare: error: --task_index must be in "
                                                     "[0, --num_tasks=3), got 3")
+
+
+def test_min_tokens_keeps_only_long_documents(corpus, prepared_mix, tmp_path):
+    """For a long-context mix: documents under min_tokens are left out and counted."""
+    out = tmp_path / "out"
+    spec = write_spec(corpus, out)
+    spec.write_text(spec.read_text().replace("  - name: code\n", "  - name: code\n    min_tokens: 40\n"))
+    run_tinytrain("prepare", "--config", spec, cwd=tmp_path)
+    manifest, everything = shards.read_manifest(out / "code"), shards.read_manifest(prepared_mix / "code")
+    tokens = np.concatenate([_split_tokens(out / "code", "train"), _split_tokens(out / "code", "val")])
+    starts = np.flatnonzero(tokens == 1)  # BOS opens every document
+    lengths = np.diff(np.append(starts, len(tokens)))
+    assert starts[0] == 0 and lengths.min() >= 40
+    kept = manifest["documents"]["train"] + manifest["documents"]["val"]
+    assert kept == len(starts) and 0 < kept < everything["documents"]["train"] + everything["documents"]["val"]
+    assert manifest["report"]["too_short"] == everything["documents"]["train"] + everything["documents"]["val"] - kept
+    assert shards.read_manifest(out / "web")["report"]["too_short"] == 0

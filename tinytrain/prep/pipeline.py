@@ -179,15 +179,20 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
 
     root = Path(plan["root"]) if plan["root"] else None
     documents = unit_documents(source, root, unit, strict, reports, lambda nbytes: report.add(nbytes=nbytes))
+    too_short = 0
     while batch := list(itertools.islice(documents, 64)):
         keys, texts = zip(*batch)
         encoded = tok.processor.encode(list(texts), add_bos=settings["bos"], add_eos=settings["eos"], num_threads=1)
+        report.add(documents=len(texts), tokens=sum(map(len, encoded)))
+        if source.min_tokens:
+            long_enough = [len(ids) >= source.min_tokens for ids in encoded]
+            too_short += len(long_enough) - sum(long_enough)
+            keys, texts, encoded = ([x for x, keep in zip(xs, long_enough) if keep] for xs in (keys, texts, encoded))
         held = [is_validation(key, settings["val_fraction"]) for key in keys]
         for text, v in zip(texts, held):
             text_bytes["val" if v else "train"] += len(text.encode("utf-8"))
         train.add(flat([ids for ids, v in zip(encoded, held) if not v]), documents=len(held) - sum(held))
         held_out.append(flat([ids for ids, v in zip(encoded, held) if v]))
-        report.add(documents=len(texts), tokens=sum(map(len, encoded)))
     held = np.concatenate(held_out) if held_out else np.zeros(0, dtype)
     try:
         entries = train.close()
@@ -195,10 +200,10 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
     except OSError as e:
         raise _writing_error(e) from e
     report.add(force=True)
-    kept = sum(r.counts["documents"] for r in reports)
+    kept = sum(r.counts["documents"] for r in reports) - too_short
     record = {"unit": unit["id"], "train": entries, "val_part": val_entry,
               "documents": {"train": train.documents, "val": kept - train.documents}, "bytes": text_bytes,
-              "files": [r.as_dict() for r in reports]}
+              "files": [r.as_dict() for r in reports], "too_short": too_short}
     _write_json(unit_record_path(folder_p, unit["id"]), record)  # from here on the unit counts as done
     return record
 
@@ -406,16 +411,19 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
             tokenizer.describe(), {"source": described_source, "root": plan["root"], **plan["settings"]},
             {split: sum(r["documents"][split] for r in records) for split in ("train", "val")},
             extra={"bytes": {split: sum(r["bytes"][split] for r in records) for split in ("train", "val")},
-                   "report": {"files": len(files), "units": len(records), **totals, "files_with_problems": problems}},
+                   "report": {"files": len(files), "units": len(records), **totals,
+                              "too_short": sum(r.get("too_short", 0) for r in records),
+                              "files_with_problems": problems}},
         )
     except OSError as e:
         (folder / (shards.MANIFEST + ".tmp")).unlink(missing_ok=True)
         raise _writing_error(e, folder / shards.MANIFEST) from e
     shutil.rmtree(folder / WORK, ignore_errors=True)
-    log.info("%s: %d train / %d val documents, %d skipped (%s); manifest %s", source.name, totals["documents"] -
-             sum(r["documents"]["val"] for r in records), sum(r["documents"]["val"] for r in records),
-             sum(totals[k] for k in COUNTERS if k != "documents"),
-             ", ".join(f"{k} {totals[k]}" for k in COUNTERS[1:] if totals[k]) or "none", folder / shards.MANIFEST)
+    skipped = {**{k: totals[k] for k in COUNTERS[1:]}, "too_short": sum(r.get("too_short", 0) for r in records)}
+    log.info("%s: %d train / %d val documents, %d skipped (%s); manifest %s", source.name,
+             sum(r["documents"]["train"] for r in records), sum(r["documents"]["val"] for r in records),
+             sum(skipped.values()), ", ".join(f"{k} {n}" for k, n in skipped.items() if n) or "none",
+             folder / shards.MANIFEST)
     return folder
 
 

@@ -62,6 +62,9 @@ class Source:
     """Every filter must pass for a document to be kept."""
     val_fraction: Optional[float] = None
     """Share of documents held out for validation (default: the spec's val_fraction)."""
+    min_tokens: int = 0
+    """Leave out documents of fewer tokens (BOS and EOS included), e.g. 8192 for long-context
+    training; the manifest's report counts them as too_short. 0 keeps all."""
 
 
 @dataclass
@@ -109,6 +112,8 @@ def check_sources(spec: PrepSpec) -> None:
             raise PrepError(f"source name {s.name!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
         if (s.path is None) == (s.hub is None):
             raise PrepError(f"source {s.name!r}: give exactly one of 'path' (local files) or 'hub' (a dataset name)")
+        if s.min_tokens < 0:
+            raise PrepError(f"source {s.name!r}: min_tokens must be >= 0, got {s.min_tokens}")
         frac = spec.val_fraction if s.val_fraction is None else s.val_fraction
         if not 0 <= frac < 1:
             raise PrepError(f"source {s.name!r}: val_fraction must be in [0, 1), got {frac}")
