@@ -192,14 +192,19 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
-def test_killed_run_resumes_keeping_finished_units(corpus, tmp_path):
-    # A corpus of 40 units, so the kill lands well before the end.
+def big_preparation(corpus, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A corpus of 40 units (so a kill lands well before the end), prepared once by one process as
+    the reference: (the spec to prepare it again, its out folder, the reference folder)."""
     big = (tmp_path / "big", None, corpus[2])
     write_mixed_corpus(big[0] / "corpus", seed=3, files=40, per_file=60)
     reference = tmp_path / "reference"
     run_tinytrain("prepare", "--config", write_spec(big, reference, "ref.yaml"), cwd=tmp_path)
     out = tmp_path / "out"
-    spec = write_spec(big, out)
+    return write_spec(big, out), out, reference
+
+
+def test_killed_run_resumes_keeping_finished_units(corpus, tmp_path):
+    spec, out, reference = big_preparation(corpus, tmp_path)
     env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec)], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -316,11 +321,15 @@ def test_the_spec_in_data_prep_readme_parses(tmp_path):
     from tinytrain.cli import parse_spec
 
     text = (ROOT / "data_prep" / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "sources:" in b]
-    (tmp_path / "spec.yaml").write_text(block)
-    spec = parse_spec(["--config", str(tmp_path / "spec.yaml")])
-    assert [s.name for s in spec.sources] == ["web", "books"]
-    assert spec.sources[0].filters[0].keep == ["en"] and spec.sources[1].val_fraction == 0.01
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "sources:" in b]
+    specs = []
+    for i, block in enumerate(blocks):
+        (tmp_path / f"spec{i}.yaml").write_text(block)
+        specs.append(parse_spec(["--config", str(tmp_path / f"spec{i}.yaml")]))
+    first, long_mix = sorted(specs, key=lambda spec: any(s.min_tokens for s in spec.sources))
+    assert [s.name for s in first.sources] == ["web", "books"]
+    assert first.sources[0].filters[0].keep == ["en"] and first.sources[1].val_fraction == 0.01
+    assert [(s.name, s.min_tokens) for s in long_mix.sources] == [("slimpajama-long", 8192), ("slimpajama", 0)]
 
 
 def _one_source_spec(tmp_path: Path, corpus, source_dir: Path, extra: str = "") -> Path:
@@ -410,12 +419,7 @@ def test_tasks_share_the_units_and_the_last_writes_what_one_machine_would(corpus
     """Three tasks (as a SLURM array runs them): each prepares its units; one is killed and run
     again; --finalize names what is missing until every unit is done; the result is byte-identical
     to a one-process run."""
-    big = (tmp_path / "big", None, corpus[2])
-    write_mixed_corpus(big[0] / "corpus", seed=3, files=40, per_file=60)
-    reference = tmp_path / "reference"
-    run_tinytrain("prepare", "--config", write_spec(big, reference, "ref.yaml"), cwd=tmp_path)
-    out = tmp_path / "out"
-    spec = write_spec(big, out)
+    spec, out, reference = big_preparation(corpus, tmp_path)
     for index in ("0", "2"):
         proc = run_tinytrain("prepare", "--config", spec, "--num_tasks", "3", "--task_index", index, cwd=tmp_path)
         assert proc.stdout.strip() == "" and "still to come" in proc.stderr
