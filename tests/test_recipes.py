@@ -18,7 +18,8 @@ def make_cli(*args):
 
 
 def test_every_recipe_is_tested():
-    assert {p.stem for p in RECIPE_FILES} == {"ci", "tiny", "tinyllama-1.1b", "tinyllama-1.1b-continue"}
+    assert {p.stem for p in RECIPE_FILES} == {"ci", "tiny", "tinyllama-1.1b", "tinyllama-1.1b-continue",
+                                              "tinyllama-1.1b-long"}
 
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: p.stem)
@@ -32,7 +33,7 @@ def test_recipe_prints_its_resolved_config(recipe, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: p.stem)
 def test_recipe_instantiates(recipe, prepared):
-    extra = ["--model.init_from", prepared] if "continue" in recipe.stem else []
+    extra = ["--model.init_from", prepared] if recipe.stem.endswith(("continue", "long")) else []
     cli = make_cli("--config", recipe, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                    "--data.path", prepared, *extra)
     config = cli.model.config
@@ -41,8 +42,12 @@ def test_recipe_instantiates(recipe, prepared):
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
     assert cli.datamodule.vocab_size == config.vocab_size  # linked from the model
     preset = {"ci": "ci", "tiny": "tiny", "tinyllama-1.1b": "tinyllama-1.1b",
-              "tinyllama-1.1b-continue": "tinyllama-1.1b"}[recipe.stem]
-    assert config == LlamaConfig.from_name(preset)
+              "tinyllama-1.1b-continue": "tinyllama-1.1b", "tinyllama-1.1b-long": "tinyllama-1.1b"}[recipe.stem]
+    assert config.architecture() == LlamaConfig.from_name(preset).architecture()
+    if recipe.stem != "tinyllama-1.1b-long":
+        assert config == LlamaConfig.from_name(preset)
+    else:  # TinyLlama's weights at 8,192 tokens: only the context window differs
+        assert (config.max_position_embeddings, config.rope_theta, config.logit_scaling_window) == (8192, 5e5, 2048)
 
 
 def test_tinyllama_recipe_is_the_published_run(prepared):

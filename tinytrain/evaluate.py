@@ -172,11 +172,22 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--include_path", action="append", default=[], help="a folder of your own task YAMLs")
     parser.add_argument("--text", nargs="+", default=None, help="text files: bits per byte of each, one document each")
+    parser.add_argument("--passkey", default=None, help="prompt lengths for passkey retrieval, e.g. 2048,4096,8192")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="where the passkey sits in the filler (0 to 1)")
+    parser.add_argument("--trials", type=int, default=5, help="passkeys per length and depth")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if not args.tasks and not args.text:
-        parser.error("give --tasks, --text, or both")
+    if not args.tasks and not args.text and not args.passkey:
+        parser.error("give --tasks, --text or --passkey (or several)")
+    try:
+        lengths = [int(n) for n in args.passkey.split(",")] if args.passkey else []
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        parser.error(f"--passkey takes integers and --depths numbers, comma-separated; got {args.passkey!r}, "
+                     f"{args.depths!r}")
+    if any(n < 1 for n in lengths) or any(not 0 <= d <= 1 for d in depths) or args.trials < 1:
+        parser.error("--passkey lengths must be >= 1, --depths in [0, 1], --trials >= 1")
     for name, value, low in (("--num_fewshot", args.num_fewshot, 0), ("--batch_size", args.batch_size, 1)):
         if value is not None and value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
@@ -206,6 +217,11 @@ def main(argv: list[str]) -> None:
         t = report["text"]
         print(f"{t['documents']} documents, {t['bytes']:,} bytes, {t['tokens']:,} tokens: "
               f"{t['bits_per_byte']:.4f} bits per byte, {t['nats_per_token']:.4f} nats per token")
+    if lengths:
+        from tinytrain.passkey import passkey_accuracy
+
+        report["passkey"] = passkey_accuracy(model, tok, lengths, depths, args.trials)
+        print("passkey retrieval: " + ", ".join(f"{n} tokens {a:.0%}" for n, a in report["passkey"]["accuracy"].items()))
     if tasks:
         from tinytrain.harness import TinyTrainLM
 

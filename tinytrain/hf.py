@@ -91,6 +91,12 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+    """The config.json of the same model as a HF LlamaForCausalLM (refused where there is none)."""
+    if config.logit_scaling_window is not None:
+        raise HFFormatError(
+            f"the model scales attention logits beyond position {config.logit_scaling_window} (entropy-aware ABF, "
+            "model.config.logit_scaling_window); no Hugging Face Llama computes that, so an export would be a "
+            "different model: continue training without it to export, or use the tinytrain checkpoint")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -344,10 +350,11 @@ def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
     first_name, first = next(tensors)
     target = _DTYPE_NAMES[dtype] if dtype else first.dtype
     shapes = {to_hf_name(k): v for k, v in expected.items()}
+    hf_config = config_to_hf(config, target, tok.bos_id, tok.eos_id)  # before any weight is written
     with atomic_folder(out) as tmp:
         write_safetensors(tmp / WEIGHTS, ((to_hf_name(k), w) for k, w in itertools.chain([(first_name, first)], tensors)),
                           shapes, target, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, target, tok.bos_id, tok.eos_id), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "max_length": config.max_position_embeddings},
             indent=2) + "\n")

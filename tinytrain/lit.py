@@ -49,6 +49,7 @@ class LitLlama(L.LightningModule):
         document_positions: bool = False,
         ema_decay: Optional[float] = None,
         spikes: SpikeConfig = SpikeConfig(),
+        loss_by_position: int = 0,
     ) -> None:
         """A Llama model trained on next-token prediction.
 
@@ -80,6 +81,9 @@ class LitLlama(L.LightningModule):
             spikes: Loss-spike recovery (tinytrain.spikes): skip the update of a step whose loss or
                 gradient norm is not finite or far above its recent history; roll back to the newest
                 checkpoint after several, skipping the data that caused them.
+            loss_by_position: Validation also logs the loss in this many equal spans of positions,
+                `val/loss_by_position/<first>-<last>` (e.g. to see what a context extension did
+                beyond the old window). 0: off.
         """
         super().__init__()
         if init_from == "???":
@@ -92,6 +96,9 @@ class LitLlama(L.LightningModule):
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.ema_decay = ema_decay
+        if loss_by_position < 0:
+            raise ConfigError(f"model.loss_by_position must be >= 0, got {loss_by_position}")
+        self.loss_by_position = loss_by_position
         self.spike_guard = SpikeGuard(spikes) if spikes.enabled else None
         self.rollback_request: Optional[dict] = None  # set when spikes call for a rollback (fitcli acts on it)
         self.pending_rollback: Optional[dict] = None  # the rollback this run resumes from (set by fitcli)
@@ -145,9 +152,12 @@ class LitLlama(L.LightningModule):
         from tinytrain.checkpoint import load_pretrained
 
         source = load_pretrained(self.init_from)
-        if source.config != self.config:
+        if source.config.architecture() != self.config.architecture():
             raise ConfigError(f"model.init_from {self.init_from} has a different architecture: "
                               + source.config.differences(self.config, "init_from", "recipe"))
+        if source.config != self.config:  # only the context window: a context extension
+            log.info("extending the context of %s: %s", self.init_from,
+                     source.config.differences(self.config, "from", "to"))
         weights = source.weights()
         with torch.no_grad():
             if parallel.is_fsdp(model):  # each rank keeps its shard of the full weights
@@ -250,6 +260,7 @@ class LitLlama(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_losses: dict[int, list[torch.Tensor]] = {}
         self._val_nats_bytes: dict[int, torch.Tensor] = {}  # per source: summed nats, summed target bytes
+        self._val_by_position: dict[tuple[int, int], list[torch.Tensor]] = {}  # (first, last) position -> losses
         if self._token_bytes is None:
             spec = self._data_spec()
             if spec is not None and spec.tokenizer is not None:
@@ -264,7 +275,14 @@ class LitLlama(L.LightningModule):
         # One dataloader per source of a mixture; dataloader_idx says which.
         batch = batch.long()
         targets = batch[:, 1:]
-        loss = self.model(batch[:, :-1], targets).detach()
+        if self.loss_by_position:
+            per_token = self.model(batch[:, :-1], targets, per_token=True)  # (B, T)
+            loss = per_token.mean()
+            edges = torch.linspace(0, per_token.size(1), self.loss_by_position + 1).round().long().tolist()
+            for a, b in zip(edges, edges[1:]):
+                self._val_by_position.setdefault((a, b - 1), []).append(per_token[:, a:b].mean())
+        else:
+            loss = self.model(batch[:, :-1], targets).detach()
         self._val_losses.setdefault(dataloader_idx, []).append(loss)
         if self._token_bytes is not None and int(targets.max()) < self._token_bytes.numel():
             # bits per byte: the loss over the UTF-8 bytes the targets stand for (tokenizer-independent)
@@ -284,6 +302,10 @@ class LitLlama(L.LightningModule):
         if nats_bytes:
             total = sum(nats_bytes.values())
             self.log("val/bpb", float(total[0] / total[1] / math.log(2)), sync_dist=True)
+        width = len(str(max((last for _, last in self._val_by_position), default=0)))
+        for (first, last), losses in sorted(self._val_by_position.items()):
+            self.log(f"val/loss_by_position/{first:0{width}d}-{last:0{width}d}",
+                     reduce(torch.stack(losses).mean(), reduce_op="mean"), sync_dist=True)
         spec = self._data_spec()
         names = spec.source_names if spec is not None else []
         if len(self._val_losses) > 1 and len(names) == len(self._val_losses):

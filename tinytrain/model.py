@@ -66,12 +66,25 @@ class LlamaConfig:
     """Share the input embedding with the output head (TinyLlama does not)."""
     initializer_std: Optional[float] = None
     """Std of the normal init of embeddings and linears; None means TinyLlama's sqrt(2 / (5 * hidden_size))."""
+    logit_scaling_window: Optional[int] = None
+    """Entropy-aware ABF (arXiv 2401.07004): the context window the model was trained at. Each query
+    at position p (from 0) is multiplied by max(1, log(p + 1) / log(window)), from layer
+    logit_scaling_from_layer on, so attention entropy stays as it was beyond the old window (the
+    factor is 1 inside it). None: off. No Hugging Face Llama has it."""
+    logit_scaling_from_layer: int = 2
+    """The first layer (from 0) whose queries are scaled; the paper leaves the first two alone."""
 
     def __post_init__(self) -> None:
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("rope_theta", "rms_norm_eps", "initializer_std") or isinstance(value, bool):
+                continue
+            if f.name == "logit_scaling_window" and value is None:
+                continue
+            if f.name == "logit_scaling_from_layer":
+                if not isinstance(value, int) or value < 0:
+                    problems.append(f"{f.name} must be an integer >= 0, got {value!r}")
                 continue
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"{f.name} must be a positive integer, got {value!r}")
@@ -85,6 +98,8 @@ class LlamaConfig:
                     f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                     f"num_key_value_heads ({self.num_key_value_heads})"
                 )
+            if self.logit_scaling_window is not None and self.logit_scaling_window < 2:
+                problems.append(f"logit_scaling_window must be >= 2 (a log base), got {self.logit_scaling_window}")
             if (self.hidden_size // self.num_attention_heads) % 2:
                 problems.append(f"head size {self.hidden_size // self.num_attention_heads} must be even for RoPE")
         if problems:
@@ -132,6 +147,13 @@ class LlamaConfig:
         matrix still counts once, as the output head."""
         n = sum(math.prod(shape) for shape in self.parameter_shapes().values())
         return n - self.vocab_size * self.hidden_size if not include_embedding and not self.tie_word_embeddings else n
+
+    # What continued pretraining may change in a trained model: its context window.
+    CONTEXT_FIELDS = ("max_position_embeddings", "rope_theta", "logit_scaling_window", "logit_scaling_from_layer")
+
+    def architecture(self) -> dict:
+        """The fields that fix the weights' meaning: all but the context window's (CONTEXT_FIELDS)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.CONTEXT_FIELDS}
 
     def differences(self, other: "LlamaConfig", mine: str, theirs: str) -> str:
         """'model.config.FIELD: <mine> X, <theirs> Y' for every field that differs; '' if none."""
@@ -207,7 +229,7 @@ class LlamaAttention(nn.Module):
         self.backend, self.flash_fn, self.sdpa_kernels = backend, self.kernel.flash_fn, self.kernel.sdpa_kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
-                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+                documents: Optional[torch.Tensor] = None, query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -216,6 +238,8 @@ class LlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if query_scale is not None:  # entropy-aware ABF: scaled logits beyond the old window
+            q = q * query_scale.to(q.dtype)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
             y = attention.after_cache(q, k, v, pos)
@@ -237,16 +261,19 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, index: int = 0) -> None:
         super().__init__()
+        # entropy-aware ABF scales this block's queries (see LlamaConfig.logit_scaling_window)
+        self.scaled = config.logit_scaling_window is not None and index >= config.logit_scaling_from_layer
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
-                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, documents)
+                documents: Optional[torch.Tensor] = None, query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, documents,
+                               query_scale if self.scaled else None)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -255,7 +282,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -318,12 +345,22 @@ class Llama(nn.Module):
             block.self_attn.set_backend(backend)
 
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, pos: int = 0
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, pos: int = 0, per_token: bool = False
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the mean next-token loss.
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the mean next-token loss,
+        or with ``per_token`` the loss at every position (B, T), in fp32 (for evaluation: no graph).
 
         ``pos`` is the position of idx[:, 0]; non-zero only when decoding with KV caches.
         """
+        x = self.hidden(idx, pos)
+        if targets is None:
+            return self.lm_head(self.norm(x))  # (B, T, V)
+        if per_token:
+            return self._token_losses(self.norm(x), targets)
+        return self.head_loss(x, targets)
+
+    def hidden(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        """The last block's output (B, T, d), before the final norm."""
         T = idx.size(1)
         if pos + T > self.config.max_position_embeddings:
             raise ConfigError(
@@ -336,13 +373,28 @@ class Llama(nn.Module):
             positions = positions_in_documents(idx == self.document_boundary)  # (B, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         else:
+            positions = torch.arange(pos, pos + T, device=idx.device)
             cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        query_scale = None
+        if self.config.logit_scaling_window is not None:  # (T, 1) or (B, 1, T, 1), broadcast over heads
+            query_scale = ((positions + 1).float().log() / math.log(self.config.logit_scaling_window)).clamp(min=1.0)
+            query_scale = query_scale[..., None] if positions.dim() == 1 else query_scale[:, None, :, None]
         x = self.embed_tokens(idx)  # (B, T, d)
         for block in self.layers:
-            x = block(x, cos, sin, pos, documents)
-        if targets is None:
-            return self.lm_head(self.norm(x))  # (B, T, V)
-        return self.head_loss(x, targets)
+            x = block(x, cos, sin, pos, documents, query_scale)
+        return x
+
+    @torch.no_grad()
+    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Cross-entropy at every position of normed hidden states x, the head applied ``chunk``
+        positions at a time (never the logits of a whole long sequence at once)."""
+        weight = self.lm_head.weight
+        out = torch.empty(targets.shape, dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(1), chunk):
+            logits = (x[:, start:start + chunk] @ weight.t()).float()
+            out[:, start:start + chunk] = F.cross_entropy(logits.transpose(1, 2), targets[:, start:start + chunk],
+                                                         reduction="none")
+        return out
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Final norm, output head and mean cross-entropy."""
