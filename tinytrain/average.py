@@ -11,21 +11,12 @@ init_from, generate, evaluate and `convert to-hf` read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
 
-from tinytrain.checkpoint import META, Pretrained, load_pretrained
+from tinytrain.checkpoint import Pretrained, load_pretrained
 from tinytrain.errors import CheckpointError, ConfigError
 
 MODES = ("uniform", "exponential")
-
-
-def _step(source: Pretrained) -> Optional[int]:
-    meta = source.folder / META
-    if source.kind != "tinytrain" or not meta.is_file():
-        return None
-    return json.loads(meta.read_text()).get("step")
 
 
 def average_weights(sources: list[Pretrained], weights: list[float]):
@@ -69,7 +60,7 @@ def average(checkpoints: list[str], out: str | Path, mode: str = "uniform", deca
         if source.tokenizer.read_bytes() != first.tokenizer.read_bytes():
             raise CheckpointError(f"{path} has a different tokenizer from {checkpoints[0]}; averaging needs one "
                                   "vocabulary")
-    steps = [_step(s) for s in sources]
+    steps = [s.meta().get("step") for s in sources]
     order = list(range(len(sources)))
     if all(step is not None for step in steps):
         order.sort(key=lambda i: steps[i])
@@ -77,7 +68,7 @@ def average(checkpoints: list[str], out: str | Path, mode: str = "uniform", deca
     weights = [w / sum(raw) for w in raw]
     chosen = [sources[i] for i in order]
     newest = chosen[-1]
-    meta = json.loads((newest.folder / META).read_text()) if (newest.folder / META).is_file() else {}
+    meta = newest.meta()
     return write_weights_folder(out, first.config, first.config.parameter_shapes(), average_weights(chosen, weights),
                                 first.tokenizer, {
                                     "step": steps[order[-1]], "tokens": meta.get("tokens"),
@@ -101,7 +92,7 @@ def export_average(checkpoint: str, out: str | Path) -> Path:
         raise CheckpointError(f"{checkpoint} is a Hugging Face folder; a weight average lives in a training checkpoint")
     source.average = True
     shapes, stream = source.tensors()
-    meta = json.loads((source.folder / META).read_text()) if (source.folder / META).is_file() else {}
+    meta = source.meta()
     return write_weights_folder(out, source.config, shapes, stream, source.tokenizer, {
         "step": meta.get("step"), "tokens": meta.get("tokens"),
         "source": {"format": "ema", "path": str(source.folder.resolve())},

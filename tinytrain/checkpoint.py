@@ -294,6 +294,11 @@ class Pretrained:
             raise CheckpointError(f"{self.folder}: checkpoint lacks {', '.join(missing[:8])}")
         return shapes, ((k, weights[k]) for k in shapes)
 
+    def meta(self) -> dict:
+        """The folder's meta.json (step, tokens, ...); {} for a Hugging Face folder or none."""
+        path = self.folder / META
+        return json.loads(path.read_text()) if self.kind == "tinytrain" and path.is_file() else {}
+
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors()[1])
 

@@ -194,7 +194,7 @@ def main(argv: list[str]) -> None:
     if args.limit is not None and not args.limit > 0:
         parser.error(f"--limit must be > 0, got {args.limit}")
 
-    from tinytrain.checkpoint import META, load_pretrained
+    from tinytrain.checkpoint import load_pretrained
     from tinytrain.generate import load_checkpoint
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
@@ -203,7 +203,7 @@ def main(argv: list[str]) -> None:
         resolve_tasks(tasks, manager)
     source = load_pretrained(args.checkpoint, need_tokenizer=True)
     model, tok = load_checkpoint(args.checkpoint, device=args.device)
-    meta = json.loads((source.folder / META).read_text()) if (source.folder / META).is_file() else {}
+    meta = source.meta()
     report = {"checkpoint": str(source.folder), "kind": source.kind, "step": meta.get("step"), "tokens": meta.get("tokens"),
               "parameters": source.config.num_params()}
     if args.text:
