@@ -373,10 +373,12 @@ class Llama(nn.Module):
             positions = positions_in_documents(idx == self.document_boundary)  # (B, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         else:
-            positions = torch.arange(pos, pos + T, device=idx.device)
+            positions = None  # pos .. pos + T - 1, made only when logit scaling needs them
             cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         query_scale = None
         if self.config.logit_scaling_window is not None:  # (T, 1) or (B, 1, T, 1), broadcast over heads
+            if positions is None:
+                positions = torch.arange(pos, pos + T, device=idx.device)
             query_scale = ((positions + 1).float().log() / math.log(self.config.logit_scaling_window)).clamp(min=1.0)
             query_scale = query_scale[..., None] if positions.dim() == 1 else query_scale[:, None, :, None]
         x = self.embed_tokens(idx)  # (B, T, d)
