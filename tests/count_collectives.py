@@ -41,16 +41,21 @@ for _name in KINDS:
 
 
 class PerStep(Callback):
-    """Records the collectives of each training step (batch start to batch end)."""
+    """Records the collectives of each training step: the first from its batch start to its batch
+    end, every later one from the previous batch end to its own, so that what the training loop
+    does between batches (before the batch-start hooks run) counts too."""
 
     def __init__(self) -> None:
         self.steps, self._start = [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = collections.Counter(counts)
+        if self._start is None:
+            self._start = collections.Counter(counts)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append(dict(collections.Counter(counts) - self._start))
+        now = collections.Counter(counts)
+        self.steps.append(dict(now - self._start))
+        self._start = now
 
     def on_train_end(self, trainer, pl_module) -> None:
         with open(f"{sys.argv[1]}.{trainer.global_rank}", "w") as f:

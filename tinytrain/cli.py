@@ -249,7 +249,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise  # a bug: keep the traceback
         # 2 for bad arguments (and, as before, for convert's inputs); 1 for everything else
         code = 2 if type(e).__name__ == "ArgumentError" or command == "convert" else 1
-        print(f"tinytrain {command}: error: {one_line(e)}", file=sys.stderr)
+        # One write: the ranks of a multi-process run share one stderr, and their lines must not mix.
+        sys.stderr.write(f"tinytrain {command}: error: {one_line(e)}\n")
+        sys.stderr.flush()
         raise SystemExit(code) from None
 
 

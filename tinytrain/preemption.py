@@ -9,6 +9,7 @@ acts on it at a step boundary, where every rank agrees.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -35,3 +36,31 @@ def uninstall() -> None:
 
 def requested() -> bool:
     return _state["requested"]
+
+
+def take_sigterm_from_lightning(trainer) -> None:
+    """Undo what Lightning (2.5 to 2.7) sets up for SIGTERM once training starts.
+
+    Lightning's SIGTERM handler broadcasts a tensor from inside the signal handler (a collective
+    that can interleave with the one the interrupted step was in), and its training loop
+    broadcasts a "SIGTERM seen" flag and reads it back on the host before every batch: a
+    collective and a device sync per step. On SLURM, SIGTERM reaches every task when the job is
+    cancelled or requeued without warning; the newest complete checkpoint is the resume point, so
+    the right answer is to end at once. The handler here forwards SIGTERM to the processes
+    Lightning started (when it started them) and ends this one with the default action. SLURM's
+    warning, SIGUSR1, is what saves a checkpoint (see install()).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if epoch_loop is not None and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+        epoch_loop._broadcast_sigterm_tensor = lambda: None
+    launcher = getattr(trainer.strategy, "launcher", None)
+
+    def on_sigterm(signum, frame) -> None:
+        if launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(signum)  # Lightning's local launcher: its worker processes
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
