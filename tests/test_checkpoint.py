@@ -67,11 +67,13 @@ def test_resume_with_a_different_tokenizer_is_refused(four_checkpoints, tmp_path
 
 
 @pytest.mark.slow
-def test_killed_during_a_save_the_previous_checkpoint_is_used(code_corpus, tmp_path):
-    """A model large enough that saving takes a while; SIGKILL while a .tmp-step folder exists."""
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_killed_during_a_save_the_previous_checkpoint_is_used(code_corpus, tmp_path, async_save):
+    """A model large enough that saving takes a while; SIGKILL while a .tmp-step folder exists
+    (with async_save: while the background thread writes it, training going on)."""
     big = ["--model.config.hidden_size", "512", "--model.config.intermediate_size", "1408",
            "--model.config.num_hidden_layers", "4", "--checkpoint.every_n_steps", "4", "--checkpoint.keep_last", "0",
-           "--trainer.max_steps", "12"]
+           "--trainer.max_steps", "12", "--checkpoint.async_save", async_save]
     args = [sys.executable, "-m", "tinytrain.cli", *map(str, ci_args(code_corpus, *big))]
     env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache")}
     ckpts = tmp_path / "runs" / "ci" / "checkpoints"

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
 from tinytrain import preemption
+from tinytrain.asyncsave import AsyncWriter
 from tinytrain.checkpoint import (CONFIG, META, MODEL_CONFIG, STATE, TOKENIZER, damage, environment, point_last,
                                   set_aside, step_dirs)
 from tinytrain.errors import CheckpointError, ConfigError
@@ -37,7 +38,7 @@ class ConfigSaver(SaveConfigCallback):
 class Checkpointing(Callback):
     def __init__(self, dirpath: Optional[str] = None, every_n_steps: int = 1000, keep_last: int = 3,
                  resume: bool = True, save_on_signal: bool = True, signal_check_every_n_steps: int = 5,
-                 branch_from: Optional[str] = None) -> None:
+                 branch_from: Optional[str] = None, async_save: bool = False) -> None:
         """Periodic, atomic checkpoints, automatic resume, and checkpoint-and-requeue on SIGUSR1.
 
         Args:
@@ -55,6 +56,12 @@ class Checkpointing(Callback):
                 would, e.g. a cooldown branch of a warmup-stable-decay run. Only while this run has
                 no checkpoint of its own (after that it resumes from its own); the other run's
                 folder is only read.
+            async_save: Periodic saves copy the state to CPU memory at the step boundary and write
+                it in the background while training goes on (torch.distributed.checkpoint's
+                async_save under FSDP2). The checkpoint appears, and ``last`` moves, only once
+                every file is written; the next save, the end of training and a SIGUSR1 wait for
+                a write in flight. Costs host memory for one copy of this rank's state. A failed
+                write stops the run (with several processes, at the next agreement step).
         """
         if every_n_steps <= 0:
             raise ConfigError(f"checkpoint.every_n_steps must be positive, got {every_n_steps}")
@@ -69,6 +76,11 @@ class Checkpointing(Callback):
         self.save_on_signal, self.signal_check_every_n_steps = save_on_signal, signal_check_every_n_steps
         self._last_saved_step: Optional[int] = None
         self.busy_seconds = 0.0  # spent saving: not training time (tinytrain.monitor leaves it out)
+        self.async_save = async_save
+        self._writer = AsyncWriter() if async_save else None
+        self._pending: Optional[_Pending] = None  # the write in flight
+        self._failed: Optional[CheckpointError] = None  # a background write that failed on this rank
+        self._writing: Optional[Path] = None  # the newest checkpoint started in the background
         self.lock = None  # the run folder's lock, held by global rank 0 (set by `tinytrain fit`)
 
     def folder(self, trainer: L.Trainer) -> Path:
@@ -85,15 +97,28 @@ class Checkpointing(Callback):
             preemption.uninstall()
 
     def _stop_requested(self, trainer: L.Trainer, force_check: bool = False) -> bool:
-        if not self.save_on_signal:
-            return False
-        if trainer.world_size == 1:
-            return preemption.requested()
-        if not force_check and trainer.global_step % self.signal_check_every_n_steps:
-            return False
-        return trainer.strategy.reduce_boolean_decision(preemption.requested(), all=False)  # any rank signalled
+        """Whether any rank got SIGUSR1; raises when a background write failed on any rank. With
+        several processes the ranks agree every ``signal_check_every_n_steps`` steps (one
+        all-reduce), so every rank stops at the same step."""
+        signalled = self.save_on_signal and preemption.requested()
+        failed = self._failed is not None
+        if trainer.world_size > 1:
+            if not (self.save_on_signal or self._writer is not None):
+                return False
+            if not force_check and trainer.global_step % self.signal_check_every_n_steps:
+                return False
+            import torch
+
+            flags = torch.tensor([float(signalled), float(failed)], device=trainer.strategy.root_device)
+            flags = trainer.strategy.reduce(flags, reduce_op="max")  # any rank
+            signalled, failed = (bool(v) for v in flags.tolist())  # one host sync
+        if failed:
+            raise self._failed or CheckpointError(
+                f"saving checkpoint {self._writing} failed on another rank; see its log")
+        return signalled
 
     def on_train_start(self, trainer, pl_module) -> None:
+        preemption.take_sigterm_from_lightning(trainer)
         if self._stop_requested(trainer, force_check=True):
             # Signalled while the model was built, compiled or restored: nothing new to save.
             log.info("SIGUSR1 before the first step: stopping at step %d without training", trainer.global_step)
@@ -101,15 +126,21 @@ class Checkpointing(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if getattr(pl_module, "rollback_request", None) is not None:
+            self._finish_pending(trainer)  # saved before the spikes: a checkpoint to go back to
             return  # the state holds the spikes: the run goes back to its newest checkpoint instead
         self.save(trainer)
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._poll(trainer)
         if getattr(pl_module, "rollback_request", None) is not None:
             return  # never save a state that holds the spikes
         stop = self._stop_requested(trainer)
         if trainer.global_step % self.every_n_steps == 0 or stop:
-            self.save(trainer)
+            self.save(trainer, background=not stop)
         if stop:
             log.info("SIGUSR1: saved step %d; stopping", trainer.global_step)
             self._stop_for_preemption(trainer)
@@ -119,14 +150,18 @@ class Checkpointing(Callback):
             requeue_slurm_job()
         trainer.should_stop = True
 
-    def save(self, trainer: L.Trainer) -> Optional[Path]:
+    def save(self, trainer: L.Trainer, background: bool = False) -> Optional[Path]:
+        """Save the state at this step (every rank calls this at the same step). With
+        ``async_save`` and ``background``, return once the state is copied; the checkpoint
+        appears later (None is returned). Otherwise return the checkpoint folder."""
         started = time.perf_counter()
         try:
-            return self._save(trainer)
+            return self._save(trainer, background and self._writer is not None)
         finally:
             self.busy_seconds += time.perf_counter() - started
 
-    def _save(self, trainer: L.Trainer) -> Optional[Path]:
+    def _save(self, trainer: L.Trainer, background: bool) -> Optional[Path]:
+        self._finish_pending(trainer)  # one write at a time, and this step's may already exist
         step = trainer.global_step
         folder = self.folder(trainer)
         final = folder / f"step-{step:08d}"
@@ -151,29 +186,97 @@ class Checkpointing(Callback):
         trainer.strategy.barrier("tinytrain.checkpoint.mkdir")
         started = time.perf_counter()
         try:
+            meta = self._write_sidecars(trainer, tmp, step) if trainer.is_global_zero else None
+            if background:
+                future = self._writer.start(trainer, tmp / STATE)  # every rank; returns once staged
+                self._pending = _Pending(step, tmp, final, future, meta, started, time.perf_counter() - started)
+                self._last_saved_step, self._writing = step, final
+                return None
             trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
-            if trainer.is_global_zero:
-                self._write_sidecars(trainer, tmp, step, time.perf_counter() - started)
         except OSError as e:
             if trainer.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
-            last = folder / "last"
-            previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
-            raise CheckpointError(f"saving checkpoint {final} failed: {e.strerror or e}; {previous}") from e
+            raise self._save_error(folder, final, e) from e
         if trainer.is_global_zero:
-            if final.exists():  # damaged (checked above): kept aside, never deleted
-                set_aside(final, damage(final) or "replaced")
-            fsync_tree(tmp)
-            os.replace(tmp, final)
-            fsync_dir(folder)
-            point_last(folder, final)
-            self._prune(folder, final)
-            log.info("saved checkpoint %s", final)
+            meta["save_seconds"] = round(time.perf_counter() - started, 3)
+            self._publish(trainer, folder, tmp, final, meta)
         trainer.strategy.barrier("tinytrain.checkpoint.done")
         self._last_saved_step = step
         return final
 
-    def _write_sidecars(self, trainer: L.Trainer, folder: Path, step: int, seconds: float) -> None:
+    @staticmethod
+    def _save_error(folder: Path, final: Path, e: BaseException) -> CheckpointError:
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint: {rank: (error, trace)}
+        if failures:
+            e = next(iter(failures.values()))[0]
+        while not isinstance(e, OSError) and e.__cause__ is not None:
+            e = e.__cause__
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).strip().splitlines()[-1]
+        last = folder / "last"
+        previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
+        return CheckpointError(f"saving checkpoint {final} failed: {reason}; {previous}")
+
+    def _publish(self, trainer: L.Trainer, folder: Path, tmp: Path, final: Path, meta: dict) -> None:
+        """Rank 0: meta.json with every file's size, then the rename that makes the checkpoint
+        exist, ``last``, pruning."""
+        if self.lock is not None:
+            self.lock.check()  # never write into a run folder another process has taken over
+        self._write_meta(tmp, meta)
+        if final.exists():  # damaged (checked before saving): kept aside, never deleted
+            set_aside(final, damage(final) or "replaced")
+        fsync_tree(tmp)
+        os.replace(tmp, final)
+        fsync_dir(folder)
+        point_last(folder, final)
+        self._prune(folder, final)
+        log.info("saved checkpoint %s", final)
+
+    # --- asynchronous saves --------------------------------------------------------------------
+
+    def _poll(self, trainer: L.Trainer) -> None:
+        """At a step boundary: publish a background write that has finished (rank 0), or record
+        its failure. No collective: every rank looks at its own write only."""
+        pending = self._pending
+        if pending is None or not pending.future.done():
+            return
+        started = time.perf_counter()
+        self._pending = None
+        self._complete(trainer, pending)
+        self.busy_seconds += time.perf_counter() - started
+
+    def _finish_pending(self, trainer: L.Trainer) -> None:
+        """Wait for the write in flight (every rank, at the same step) and publish it; raise if a
+        background write failed on any rank."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.future.exception()  # waits; _complete reads the outcome
+            self._complete(trainer, pending)
+        if self._writer is None:
+            return
+        failed = self._failed is not None
+        if trainer.world_size > 1:
+            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
+        if failed:
+            raise self._failed or CheckpointError(
+                f"saving checkpoint {self._writing} failed on another rank; see its log")
+
+    def _complete(self, trainer: L.Trainer, pending: "_Pending") -> None:
+        error = pending.future.exception()
+        folder = pending.final.parent
+        if error is not None:
+            self._failed = self._save_error(folder, pending.final, error)
+            log.error("%s", self._failed)
+            if trainer.is_global_zero:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            return
+        if trainer.is_global_zero:
+            seconds = time.perf_counter() - pending.started
+            pending.meta.update(save_seconds=round(pending.stall, 3), write_seconds=round(seconds, 3))
+            self._publish(trainer, folder, pending.tmp, pending.final, pending.meta)
+
+    def _write_sidecars(self, trainer: L.Trainer, folder: Path, step: int) -> dict:
+        """config.yaml, model_config.json and the tokenizer into ``folder``; returns meta.json's
+        content but for the file list (see _write_meta), which needs the written state."""
         module, dm = trainer.lightning_module, trainer.datamodule
         saver = next((cb for cb in trainer.callbacks if isinstance(cb, ConfigSaver)), None)
         if saver is not None and getattr(saver, "config_text", None):
@@ -193,15 +296,19 @@ class Checkpointing(Callback):
             "num_nodes": trainer.num_nodes,
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
-            "save_seconds": round(seconds, 3),
+            "async_save": self.async_save,
             **({"branched_from": self.branched_from} if self.branched_from else {}),
             **(module.checkpoint_meta() if hasattr(module, "checkpoint_meta") else {}),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "environment": environment(),
-            # Every file with its size, so a truncated or partly copied checkpoint is recognised.
-            "files": {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()},
         }
-        (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+        return meta
+
+    @staticmethod
+    def _write_meta(folder: Path, meta: dict) -> None:
+        # Every file with its size, so a truncated or partly copied checkpoint is recognised.
+        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        (folder / META).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
 
     def _prune(self, folder: Path, keep: Path) -> None:
         """Delete intact checkpoints older than the newest ``keep_last`` intact ones (a damaged
@@ -236,3 +343,10 @@ def requeue_slurm_job() -> bool:
     return True
 
 
+class _Pending:
+    """A checkpoint being written in the background."""
+
+    def __init__(self, step: int, tmp: Path, final: Path, future, meta: Optional[dict], started: float,
+                 stall: float) -> None:
+        self.step, self.tmp, self.final, self.future, self.meta = step, tmp, final, future, meta
+        self.started, self.stall = started, stall

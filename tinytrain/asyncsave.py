@@ -1,0 +1,98 @@
+"""Asynchronous checkpoint writes (``checkpoint.async_save: true``).
+
+At the step boundary every rank copies its part of the state to CPU memory (the stall), and a
+background thread writes the copy while training goes on. The files are those of a synchronous
+save, in the same layout: under FSDP2 torch.distributed.checkpoint's ``async_save`` writes each
+rank's shards (its collectives run on a gloo group of their own, never on the group the training
+step uses) and rank 0 writes Lightning's ``meta.pt``; otherwise rank 0 writes the one
+``state.ckpt`` file. What makes a checkpoint visible (the rename, ``last``, pruning) stays with
+tinytrain.callbacks.Checkpointing, once the returned future is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+# Lightning's name for the non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load).
+SHARDED_META = "meta.pt"
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` that later training steps cannot change: tensors copied to CPU memory,
+    containers rebuilt, anything else deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = obj.copy()  # keeps OrderedDict, defaultdict
+        for key, value in obj.items():
+            out[key] = to_cpu(value)
+        return out
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _done(value: Any = None) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class AsyncWriter:
+    """Starts one checkpoint write at a time; the caller waits for the previous one first."""
+
+    def __init__(self) -> None:
+        self._group = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def start(self, trainer, path: Path) -> Future:
+        """Stage ``trainer``'s full state and start writing it to ``path`` (``.../state.ckpt``).
+        Every rank calls this at the same step. The future raises what the write raised."""
+        strategy = trainer.strategy
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+            return self._start_sharded(strategy, checkpoint, path)
+        if not strategy.is_global_zero:  # one file, written by rank 0 (as Lightning's save does)
+            return _done()
+        staged = to_cpu(checkpoint)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tinytrain-checkpoint")
+        return self._pool.submit(_write_file, strategy.checkpoint_io, staged, path)
+
+    def _start_sharded(self, strategy, checkpoint: dict, path: Path) -> Future:
+        import torch.distributed.checkpoint as dcp
+
+        # The same split as ModelParallelStrategy.save_checkpoint: tensors sharded, the rest in meta.pt.
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")  # every rank, at the first save
+        path.mkdir(parents=True, exist_ok=True)
+        future = dcp.async_save(state, checkpoint_id=path, process_group=self._group)  # stages, then returns
+        if strategy.global_rank == 0:
+            torch.save(to_cpu(checkpoint), path / SHARDED_META)
+        return future
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _write_file(checkpoint_io, staged: dict, path: Path) -> None:
+    checkpoint_io.save_checkpoint(staged, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
