@@ -27,7 +27,7 @@ if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then step+=(--cpus-per-task="$SLURM_CPUS_P
 # on sites that bind one GPU per task by default.
 if [[ ${SLURM_GPUS_ON_NODE:-0} -gt 0 ]]; then step+=(--gpus-per-node="$SLURM_GPUS_ON_NODE" --gpu-bind=none); fi
 
-echo "[tinytrain] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${nodes} node(s) x ${per_node} process(es), ${SLURM_CPUS_PER_TASK:-1} CPU(s) each, $(date -u +%FT%TZ)"
+echo "[tinytrain] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${nodes} node(s) x ${per_node} process(es), ${SLURM_CPUS_PER_TASK:-1} CPU(s) each, rendezvous at ${MASTER_ADDR}, $(date -u +%FT%TZ)"
 # On SIGUSR1 (sent by --signal before the time limit, or by `scancel --signal=USR1`) every task
 # finishes its step, the job saves a checkpoint and requeues itself; the restart resumes from it.
 # The sizes come last: a later argument overrides an earlier one, and SLURM decides these.

@@ -52,9 +52,15 @@ def submit(cwd: Path, env: dict, corpus: Path, *extra) -> str:
                   "--model.optim.decay_steps", "90", *extra)
 
 
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
 def job_state(job: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-    return out.stdout.strip()
+    """The job's state from the controller's record ("" once the record is gone). Not squeue's
+    list: a job being requeued can drop out of it for a moment."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    found = re.search(r"\bJobState=(\S+)", out.stdout)
+    return found.group(1) if found else ""
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -66,12 +72,21 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def begin_time(job: str) -> float:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    found = re.search(r"\bStartTime=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", out)
+    return time.mktime(time.strptime(found.group(1), "%Y-%m-%dT%H:%M:%S")) if found else 0.0
+
+
 def wait_for_job(job: str, timeout: float = 420) -> None:
     def done():
         state = job_state(job)
-        if state == "PENDING":  # a requeued job waits out its begin time; start it now
+        # A requeued job waits until its begin time (the old credentials' expiry: starting it
+        # sooner fails it with "Job credential revoked"), then until the scheduler's next pass,
+        # up to a minute: once the begin time is past, ask for a start now.
+        if state == "PENDING" and time.time() > begin_time(job):
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
-        return state == ""
+        return state == "" or state in FINISHED
     wait_until(done, timeout, f"job {job} to finish")
 
 
