@@ -6,6 +6,7 @@ at another."""
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,51 @@ def test_world_size_that_does_not_divide_the_global_batch(code_corpus, tmp_path)
     assert proc.returncode != 0
     assert "global_batch_size=16 is not divisible by data.micro_batch_size=3 x world size 2 = 6" in proc.stderr
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
+
+
+def test_sigterm_ends_every_process_at_once(code_corpus, tmp_path):
+    """SIGTERM (what `scancel` and a requeue without warning send) ends a 2-process FSDP2 run at
+    once, killed by the signal, workers included: no broadcast from inside the handler, no waiting
+    for a step boundary. The newest complete checkpoint is where the next run resumes."""
+    import signal
+    import sys
+    import time
+
+    from tinytrain.checkpoint import damage
+
+    args = ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "5000",
+                   "--model.optim.decay_steps", "5000", "--checkpoint.every_n_steps", "20",
+                   "--trainer.val_check_interval", "5000")
+    env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", *map(str, args)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = tmp_path / "runs" / "ci" / "checkpoints" / "step-00000020"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no checkpoint in 300 s"
+    time.sleep(1)  # mid-training
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stderr = proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("still running 30 s after SIGTERM")
+    assert proc.returncode == -signal.SIGTERM, stderr[-3000:]
+    def alive_in_group() -> list[str]:  # processes of the run's group, zombies aside
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[2] == str(proc.pid) and fields[0] != "Z":
+                found.append(stat.parent.name)
+        return found
+
+    deadline = time.time() + 10
+    while alive_in_group() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive_in_group()  # the worker Lightning started is gone too
+    last = tmp_path / "runs" / "ci" / "checkpoints" / "last"
+    assert damage(last) is None
