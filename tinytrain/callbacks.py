@@ -193,7 +193,7 @@ class Checkpointing(Callback):
                 self._last_saved_step, self._writing = step, final
                 return None
             trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
-        except OSError as e:
+        except (OSError, RuntimeError, _checkpoint_exception()) as e:  # torch's writers: RuntimeError, DCP's
             if trainer.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise self._save_error(folder, final, e) from e
@@ -207,11 +207,16 @@ class Checkpointing(Callback):
     @staticmethod
     def _save_error(folder: Path, final: Path, e: BaseException) -> CheckpointError:
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint: {rank: (error, trace)}
-        if failures:
-            e = next(iter(failures.values()))[0]
-        while not isinstance(e, OSError) and e.__cause__ is not None:
-            e = e.__cause__
-        reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).strip().splitlines()[-1]
+        errors = [error for error, _ in failures.values()] if failures else [e]
+        errors = [_os_error(error) or error for error in errors]
+        e = next((error for error in errors if isinstance(error, OSError)), errors[0])
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        else:
+            reason = str(e).strip().splitlines()[-1]
+            full = _disk_full(folder)  # torch's file writer reports a full disk without its errno
+            if full:
+                reason = f"No space left on device ({full}; the writer said: {reason})"
         last = folder / "last"
         previous = f"{last} -> {os.readlink(last)} is intact" if last.is_symlink() else "no earlier checkpoint"
         return CheckpointError(f"saving checkpoint {final} failed: {reason}; {previous}")
@@ -341,6 +346,42 @@ def requeue_slurm_job() -> bool:
         return False
     log.info("requeued SLURM job %s", job)
     return True
+
+
+def _checkpoint_exception() -> type:
+    """torch.distributed.checkpoint's error (a BaseException: ``except Exception`` misses it)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind ``e`` (itself, or what it was raised from), if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _disk_full(folder: Path) -> Optional[str]:
+    """A description when the file system of ``folder`` has less room than its newest checkpoint
+    takes (or under 1 MiB with none), else None."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    newest = None
+    last = folder / "last"
+    try:
+        newest = sum(json.loads((last / META).read_text())["files"].values()) if last.exists() else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        newest = None
+    if free >= (newest or 1 << 20):
+        return None  # (the free bytes themselves differ from rank to rank as the writes are undone)
+    return (f"its file system has less room than the newest checkpoint's {newest:,} bytes" if newest
+            else "its file system has under 1 MiB free")
 
 
 class _Pending:
