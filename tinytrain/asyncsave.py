@@ -12,7 +12,6 @@ tinytrain.callbacks.Checkpointing, once the returned future is done.
 from __future__ import annotations
 
 import copy
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from tinytrain.fsutil import fsync_path
 
 # Lightning's name for the non-tensor part of a sharded checkpoint (lightning.fabric.utilities.load).
 SHARDED_META = "meta.pt"
@@ -79,8 +80,8 @@ class AsyncWriter:
             self._group = dist.new_group(backend="gloo")  # every rank, at the first save
         path.mkdir(parents=True, exist_ok=True)
         future = dcp.async_save(state, checkpoint_id=path, process_group=self._group)  # stages, then returns
-        if strategy.global_rank == 0:
-            torch.save(to_cpu(checkpoint), path / SHARDED_META)
+        if strategy.global_rank == 0:  # small, and written now: no copy needed
+            torch.save(checkpoint, path / SHARDED_META)
         return future
 
     def close(self) -> None:
@@ -91,8 +92,4 @@ class AsyncWriter:
 
 def _write_file(checkpoint_io, staged: dict, path: Path) -> None:
     checkpoint_io.save_checkpoint(staged, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)  # here, not in the step loop (publishing fsyncs again: cheap once clean)

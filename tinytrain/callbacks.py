@@ -10,10 +10,13 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -107,14 +110,11 @@ class Checkpointing(Callback):
                 return False
             if not force_check and trainer.global_step % self.signal_check_every_n_steps:
                 return False
-            import torch
-
             flags = torch.tensor([float(signalled), float(failed)], device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(flags, reduce_op="max")  # any rank
             signalled, failed = (bool(v) for v in flags.tolist())  # one host sync
         if failed:
-            raise self._failed or CheckpointError(
-                f"saving checkpoint {self._writing} failed on another rank; see its log")
+            self._raise_failed()
         return signalled
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -189,7 +189,7 @@ class Checkpointing(Callback):
             meta = self._write_sidecars(trainer, tmp, step) if trainer.is_global_zero else None
             if background:
                 future = self._writer.start(trainer, tmp / STATE)  # every rank; returns once staged
-                self._pending = _Pending(step, tmp, final, future, meta, started, time.perf_counter() - started)
+                self._pending = _Pending(tmp, final, future, meta, started, time.perf_counter() - started)
                 self._last_saved_step, self._writing = step, final
                 return None
             trainer.save_checkpoint(tmp / STATE, weights_only=False)  # every rank; ends with a barrier
@@ -262,8 +262,11 @@ class Checkpointing(Callback):
         if trainer.world_size > 1:
             failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
         if failed:
-            raise self._failed or CheckpointError(
-                f"saving checkpoint {self._writing} failed on another rank; see its log")
+            self._raise_failed()
+
+    def _raise_failed(self) -> None:
+        """Every rank stops once any rank's background write failed (the ranks have agreed on it)."""
+        raise self._failed or CheckpointError(f"saving checkpoint {self._writing} failed on another rank; see its log")
 
     def _complete(self, trainer: L.Trainer, pending: "_Pending") -> None:
         error = pending.future.exception()
@@ -384,10 +387,13 @@ def _disk_full(folder: Path) -> Optional[str]:
             else "its file system has under 1 MiB free")
 
 
+@dataclass
 class _Pending:
     """A checkpoint being written in the background."""
 
-    def __init__(self, step: int, tmp: Path, final: Path, future, meta: Optional[dict], started: float,
-                 stall: float) -> None:
-        self.step, self.tmp, self.final, self.future, self.meta = step, tmp, final, future, meta
-        self.started, self.stall = started, stall
+    tmp: Path  # where it is written
+    final: Path  # its name once complete
+    future: Future  # the write
+    meta: Optional[dict]  # meta.json but for the file list (rank 0)
+    started: float  # perf_counter() when the save began
+    stall: float  # seconds the step loop waited for it

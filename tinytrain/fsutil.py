@@ -31,12 +31,16 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         raise
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (renames, new names), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path
 
 
 def fsync_tree(root: Path) -> None:
