@@ -97,6 +97,19 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def processes() -> list[dict]:
+    """Every process in /proc: pid, state (R, S, Z, ...), ppid and process group."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while being read
+        found.append({"pid": int(stat.parent.name), "state": fields[0], "ppid": int(fields[1]),
+                      "pgrp": int(fields[2])})
+    return found
+
+
 def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 600, check: bool = True):
     """Run the real `tinytrain` command in a subprocess; return the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TINYTRAIN_CACHE": str(cwd / "cache"),

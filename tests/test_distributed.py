@@ -6,11 +6,10 @@ at another."""
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import ci_args, run_tinytrain, train_losses
+from conftest import ci_args, processes, run_tinytrain, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -187,16 +186,8 @@ def test_sigterm_ends_every_process_at_once(code_corpus, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("still running 30 s after SIGTERM")
     assert proc.returncode == -signal.SIGTERM, stderr[-3000:]
-    def alive_in_group() -> list[str]:  # processes of the run's group, zombies aside
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[2] == str(proc.pid) and fields[0] != "Z":
-                found.append(stat.parent.name)
-        return found
+    def alive_in_group() -> list[int]:  # processes of the run's group, zombies aside
+        return [p["pid"] for p in processes() if p["pgrp"] == proc.pid and p["state"] != "Z"]
 
     deadline = time.time() + 10
     while alive_in_group() and time.time() < deadline:

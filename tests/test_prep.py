@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_tinytrain, small_tmpfs, tree_digest
+from conftest import processes, run_tinytrain, small_tmpfs, tree_digest
 from tinytrain import shards
 from tinytrain.prep import is_validation
 from tinytrain.tokenizer import Tokenizer, train_tokenizer
@@ -192,6 +192,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
+def _prepare_killed_after(spec: Path, unit: Path, cwd: Path, env: dict) -> None:
+    """`tinytrain prepare --config spec`, killed with SIGKILL once ``unit`` is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec)], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(unit, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def big_preparation(corpus, tmp_path: Path) -> tuple[Path, Path, Path]:
     """A corpus of 40 units (so a kill lands well before the end), prepared once by one process as
     the reference: (the spec to prepare it again, its out folder, the reference folder)."""
@@ -206,11 +215,7 @@ def big_preparation(corpus, tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_killed_run_resumes_keeping_finished_units(corpus, tmp_path):
     spec, out, reference = big_preparation(corpus, tmp_path)
     env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "web" / ".prep" / "unit-000002.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _prepare_killed_after(spec, out / "web" / ".prep" / "unit-000002.json", tmp_path, env)
     assert not (out / "web" / "manifest.json").exists()
     done = json.loads((out / "web" / ".prep" / "unit-000000.json").read_text())
     first = out / "web" / done["train"][0]["file"]
@@ -375,15 +380,7 @@ def test_a_byte_order_mark_does_not_cost_the_first_record(corpus, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [p["pid"] for p in processes() if p["ppid"] == pid]
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
@@ -425,11 +422,7 @@ def test_tasks_share_the_units_and_the_last_writes_what_one_machine_would(corpus
         assert proc.stdout.strip() == "" and "still to come" in proc.stderr
     env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache"), "SLURM_ARRAY_TASK_COUNT": "3",
            "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0"}  # the index from SLURM's variables
-    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "prepare", "--config", str(spec)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "web" / ".prep" / "unit-000004.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _prepare_killed_after(spec, out / "web" / ".prep" / "unit-000004.json", tmp_path, env)
     assert not (out / "web" / "manifest.json").exists()
 
     early = run_tinytrain("prepare", "--config", spec, "--finalize", "--num_tasks", "3", cwd=tmp_path, check=False)

@@ -18,19 +18,28 @@ CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def local_cluster(tmp_path_factory, *start_args: str):
+    """slurm/local-cluster.sh start START_ARGS with its own state folder; yields (the environment
+    for SLURM commands, start's log); stops the cluster afterwards. Skips where the script cannot
+    run (not installed and not root, or no namespaces for --nodes). A generator for fixtures."""
     if sys.platform != "linux":
         pytest.skip("the local SLURM cluster runs on Linux")
     state = tmp_path_factory.mktemp("slurm-state")
     env = {**os.environ, "TINYTRAIN_SLURM_DIR": str(state)}
-    start = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600)
-    if start.returncode == 3:  # not installed and not root: cannot install
+    start = subprocess.run(["bash", str(CLUSTER), "start", *start_args], env=env, capture_output=True, text=True,
+                           timeout=600)
+    if start.returncode == 3:
         pytest.skip(start.stderr.strip())
     assert start.returncode == 0, start.stderr
-    yield env
+    yield env, start.stderr
     stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    for env, _ in local_cluster(tmp_path_factory):
+        yield env
 
 
 def sbatch(cwd: Path, env: dict, *args, tasks: int = 2, cpus: int = 1, command: str | None = None) -> str:
@@ -211,3 +220,13 @@ def test_prepare_as_an_array_with_a_task_requeued(slurm_cluster, tmp_path):
     kept = re.search(r"web: (\d+) of \d+ units already done and verified; (\d+) to go in task 1 of 3", logs)
     assert kept and int(kept.group(2)) > 0, logs  # requeued while it worked: it kept what it had done
     assert tree_digest(out) == tree_digest(reference)
+
+
+def test_a_second_cluster_is_refused_while_one_runs(slurm_cluster, tmp_path):
+    """Starting over a running controller would leave nodes registering with the wrong one: refused,
+    naming it, and the running cluster keeps working."""
+    other = {**slurm_cluster, "TINYTRAIN_SLURM_DIR": str(tmp_path / "other")}
+    start = subprocess.run(["bash", str(CLUSTER), "start"], env=other, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 1 and "a slurmctld is already running" in start.stderr, start.stderr
+    ping = subprocess.run(["scontrol", "ping"], env=slurm_cluster, capture_output=True, text=True)
+    assert "UP" in ping.stdout

@@ -14,29 +14,42 @@ import pytest
 import torch
 
 from conftest import RECIPES, ROOT, train_losses
-from test_slurm import CLUSTER, job_log, wait_for_job, wait_until
+from test_slurm import CLUSTER, job_log, local_cluster, wait_for_job, wait_until
 from tinytrain.checkpoint import load_model_weights
 
 pytestmark = pytest.mark.slow
 
 
+def no_test_network() -> bool:
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return "tt-node" not in namespaces and "tt-br0" not in links and not list(Path("/etc/netns").glob("tt-node*"))
+
+
+def test_a_start_that_fails_undoes_itself(tmp_path_factory):
+    """A bad address prefix fails the bridge's address after the bridge exists: start exits non-zero
+    and leaves no bridge, namespace or daemon behind. Runs before the cluster below starts."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("needs root on Linux")
+    if subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0:
+        pytest.skip("a SLURM controller is running")
+    env = {**os.environ, "TINYTRAIN_SLURM_DIR": str(tmp_path_factory.mktemp("bad-start")),
+           "TINYTRAIN_SLURM_NET": "10.300.1"}
+    start = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    if start.returncode == 3:
+        pytest.skip(start.stderr.strip())
+    assert start.returncode != 0 and "start failed: undoing it" in start.stderr, start.stderr
+    assert no_test_network()
+    assert subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode != 0
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    if sys.platform != "linux":
-        pytest.skip("the local SLURM cluster runs on Linux")
-    state = tmp_path_factory.mktemp("slurm-two-nodes")
-    env = {**os.environ, "TINYTRAIN_SLURM_DIR": str(state)}
-    start = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], env=env, capture_output=True, text=True,
-                           timeout=600)
-    if start.returncode == 3:  # no root, or no namespaces on this machine
-        pytest.skip(start.stderr.strip())
-    assert start.returncode == 0, start.stderr
-    assert "tt-node1 (10.77.77.11) idle" in start.stderr and "tt-node2 (10.77.77.12) idle" in start.stderr
-    yield env
-    stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
-    assert stop.returncode == 0, stop.stderr
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "tt-node" not in namespaces and not list(Path("/etc/netns").glob("tt-node*"))
+    for env, started in local_cluster(tmp_path_factory, "--nodes", "2"):
+        assert "tt-node1 (10.77.77.11) idle" in started and "tt-node2 (10.77.77.12) idle" in started
+        yield env
+    assert no_test_network()
 
 
 def submit(cwd: Path, env: dict, corpus: Path) -> str:
