@@ -50,3 +50,16 @@ def logits_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ch
         return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), chunk)
     logits = F.linear(x, weight)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def token_losses(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Cross-entropy at every position (B, T), fp32, of the logits x @ weight.T (x: (B, T, d)),
+    ``chunk`` positions at a time (never the logits of a whole long sequence at once). No graph:
+    for evaluation."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, x.size(1), chunk):
+        logits = (x[:, start:start + chunk] @ weight.t()).float()
+        out[:, start:start + chunk] = F.cross_entropy(logits.transpose(1, 2), targets[:, start:start + chunk],
+                                                     reduction="none")
+    return out

@@ -356,7 +356,7 @@ class Llama(nn.Module):
         if targets is None:
             return self.lm_head(self.norm(x))  # (B, T, V)
         if per_token:
-            return self._token_losses(self.norm(x), targets)
+            return loss.token_losses(self.norm(x), self.lm_head.weight, targets)
         return self.head_loss(x, targets)
 
     def hidden(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
@@ -385,18 +385,6 @@ class Llama(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, pos, documents, query_scale)
         return x
-
-    @torch.no_grad()
-    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """Cross-entropy at every position of normed hidden states x, the head applied ``chunk``
-        positions at a time (never the logits of a whole long sequence at once)."""
-        weight = self.lm_head.weight
-        out = torch.empty(targets.shape, dtype=torch.float32, device=x.device)
-        for start in range(0, x.size(1), chunk):
-            logits = (x[:, start:start + chunk] @ weight.t()).float()
-            out[:, start:start + chunk] = F.cross_entropy(logits.transpose(1, 2), targets[:, start:start + chunk],
-                                                         reduction="none")
-        return out
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Final norm, output head and mean cross-entropy."""
