@@ -57,6 +57,15 @@ def prepared(tmp_path_factory, code_corpus) -> Path:
     return prepare_text_folder(code_corpus, tmp_path_factory.mktemp("prepared") / "code-512", 512, val_fraction=0.1)
 
 
+@pytest.fixture(scope="session")
+def fsdp2_run(tmp_path_factory, code_corpus) -> Path:
+    """A 20-step ci run under FSDP2 (one process): its folder, holding sharded checkpoints at steps
+    10 and 20 and `last`. Read-only: tests that alter a checkpoint copy it first."""
+    cwd = tmp_path_factory.mktemp("fsdp2-run")
+    run_tinytrain(*ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.max_steps", "20"), cwd=cwd)
+    return cwd
+
+
 def small_tmpfs(tmp_path: Path, size: str):
     """A tmpfs of ``size`` (e.g. "3m") mounted under tmp_path, for disk-full tests; skips without root.
     A generator for fixtures: yields the mount point, unmounts afterwards."""

@@ -1,7 +1,10 @@
 """Expected errors are one line, `tinytrain <command>: error: ...`, naming the file, key or value;
 nothing already saved is touched."""
 
+import json
+import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -92,3 +95,74 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, prepared):
     proc = run_tinytrain("convert", "from-hf", tmp_path / "hf", tmp_path / "out", cwd=tmp_path, check=False)
     assert f"{weights}: truncated: its header lists" in one_line(proc, "convert")
     assert not (tmp_path / "out").exists() and tree_digest(tmp_path / "hf") == before
+
+
+def test_fit_on_a_read_only_run_folder_is_one_line(code_corpus, tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        proc = run_tinytrain(*ci_args(code_corpus, "--trainer.default_root_dir", disk / "run"), cwd=tmp_path,
+                             check=False)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    line = one_line(proc, "fit")
+    assert f"{disk / 'run' / 'checkpoints'}: cannot write to the run folder (Read-only file system)" in line
+
+
+def _spec(tmp_path, prepared, root, extra=""):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"out: {tmp_path / 'out'}\ntokenizer: {prepared / 'tokenizer.model'}\nval_fraction: 0.1\n"
+                    f"sources:\n  - name: web\n    path: {root}\n{extra}")
+    return spec
+
+
+def test_a_source_that_yields_no_document_is_refused(prepared, tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "a.jsonl").write_text("".join(json.dumps({"content": f"doc {i}", "id": i}) + "\n" for i in range(6)))
+    proc = run_tinytrain("prepare", "--config", _spec(tmp_path, prepared, records), cwd=tmp_path, check=False)
+    line = one_line(proc, "prepare")
+    assert "source 'web' yielded no document from 1 file(s) (missing_field 6)" in line
+    assert "its records have no string field 'text'; fields found: content, id (set text_field)" in line
+    assert not (tmp_path / "out" / "web" / "manifest.json").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(3):
+        (empty / f"{i}.txt").write_text("  \n")
+    (tmp_path / "out").rename(tmp_path / "out-before")
+    proc = run_tinytrain("prepare", "--config", _spec(tmp_path, prepared, empty), cwd=tmp_path, check=False)
+    assert "source 'web' yielded no document from 3 file(s) (empty 3)" in one_line(proc, "prepare")
+
+
+def test_a_training_split_smaller_than_a_step_is_refused_unless_asked_for(prepared, tmp_path):
+    args = ci_args(prepared, "--data.path", prepared, "--data.global_batch_size", "4096",
+                   "--data.micro_batch_size", "8")
+    line = one_line(run_tinytrain(*args, cwd=tmp_path, check=False), "fit")
+    assert re.search(rf"{prepared}: training split holds \d+ blocks of 65 tokens, fewer than the 4096 sequences one "
+                     r"step reads from it \(data.global_batch_size 4096\): each block would be read about [\d.]+ "
+                     r"times within a step; .* --data.allow_repeats_in_step true", line), line
+    assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
+    proc = run_tinytrain(*args, "--data.allow_repeats_in_step", "true", "--trainer.max_steps", "1", cwd=tmp_path)
+    assert "(data.allow_repeats_in_step)" in proc.stderr
+    # warmup beyond the run's last step: said, once
+    assert proc.stderr.count("model.optim.warmup_steps (5) is beyond trainer.max_steps (1): the learning rate "
+                             "reaches only 0 of its peak") == 1
+
+
+def test_evaluate_refuses_an_empty_text_file(fsdp2_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run_tinytrain("evaluate", fsdp2_run / "runs" / "ci", "--text", empty, cwd=tmp_path, check=False)
+    assert f"--text {empty}: the file is empty; bits per byte needs at least one byte of text" in \
+        one_line(proc, "evaluate")
+
+
+def test_prepare_corpus_takes_any_out_path(code_corpus, prepared, tmp_path):
+    out = tmp_path / "dir" / "out put"
+    run_tinytrain("prepare", "--corpus", code_corpus, "--out", out, "--tokenizer", prepared / "tokenizer.model",
+                  "--vocab_size", "512", "--val_fraction", "0.1", cwd=tmp_path)
+    assert shards.read_manifest(out)["documents"]["train"] > 0
+    assert [p.name for p in out.parent.iterdir()] == ["out put"]

@@ -29,13 +29,6 @@ main(sys.argv[1:])
 """
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, code_corpus):
-    cwd = tmp_path_factory.mktemp("fsdp2-run")
-    run_tinytrain(*ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.max_steps", "20"), cwd=cwd)
-    return cwd
-
-
 @pytest.mark.parametrize("ckpt", ["runs/ci/checkpoints/last/state.ckpt", "runs/ci/checkpoints/last", "runs/ci"])
 def test_validate_under_fsdp2_as_on_nccl(fsdp2_run, code_corpus, tmp_path, ckpt):
     """FSDP2 makes its unsharded parameters lazily: under inference_mode they became inference

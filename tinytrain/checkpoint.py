@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from tinytrain.errors import CheckpointError
+from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.model import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -225,9 +225,11 @@ def _load_average(folder: Path) -> dict[str, torch.Tensor]:
 def _load_state_entries(state_path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The entries of Lightning's state dict under ``prefix`` (prefix removed; none: {}), from a
     single file or sharded."""
+    from tinytrain import safeload
+
     if state_path.is_file():
         try:
-            ckpt = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
+            ckpt = safeload.torch_load(state_path, map_location="cpu", mmap=True)
         except (RuntimeError, EOFError, OSError) as e:  # "PytorchStreamReader failed reading zip archive", ...
             raise CheckpointError(f"{state_path}: unreadable, damaged or truncated ({e})") from e
         return {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -236,10 +238,8 @@ def _load_state_entries(state_path: Path, prefix: str) -> dict[str, torch.Tensor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    try:
-        metadata = dcp.FileSystemReader(str(state_path)).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"{state_path}: unreadable sharded checkpoint ({e})") from e
+    safeload.harden()
+    metadata = safeload.read_metadata(state_path / ".metadata")
     outer = "state_dict." + prefix
     weights = {
         key[len(outer):]: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -297,10 +297,30 @@ class Pretrained:
     def meta(self) -> dict:
         """The folder's meta.json (step, tokens, ...); {} for a Hugging Face folder or none."""
         path = self.folder / META
-        return json.loads(path.read_text()) if self.kind == "tinytrain" and path.is_file() else {}
+        return read_json(path) if self.kind == "tinytrain" and path.is_file() else {}
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors()[1])
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's file; anything else is a CheckpointError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}; the checkpoint is damaged")
+    return value
+
+
+def read_model_config(path: Path) -> LlamaConfig:
+    """The architecture a checkpoint records (model_config.json)."""
+    fields = read_json(path)
+    try:
+        return LlamaConfig(**fields)
+    except (TypeError, ConfigError) as e:  # an unknown field, or a value out of range
+        raise CheckpointError(f"{path}: not a model config ({e})") from e
 
 
 def load_pretrained(path: os.PathLike | str, need_tokenizer: bool = False) -> Pretrained:
@@ -314,7 +334,7 @@ def load_pretrained(path: os.PathLike | str, need_tokenizer: bool = False) -> Pr
     folder = resolve_checkpoint(p)
     if not (folder / MODEL_CONFIG).is_file():
         raise CheckpointError(f"{folder / MODEL_CONFIG}: missing from checkpoint {folder}")
-    config = LlamaConfig(**json.loads((folder / MODEL_CONFIG).read_text()))
+    config = read_model_config(folder / MODEL_CONFIG)
     tokenizer = folder / TOKENIZER if (folder / TOKENIZER).is_file() else None
     if need_tokenizer and tokenizer is None:
         raise CheckpointError(f"{folder / TOKENIZER}: missing from checkpoint {folder}")

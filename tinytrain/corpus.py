@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
@@ -91,8 +92,10 @@ def prepare_text_folder(corpus: Path, out: Path, vocab_size: int, tokenizer: Opt
         raise FileExistsError(f"{out} already exists; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # The source's name (a folder name in a spec) is the output folder's, made one where --out is any path.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", out.name).strip(".") or "corpus"
     try:
-        spec = PrepSpec(out=str(work), tokenizer=str(work / "tokenizer.model"), sources=[corpus_source(corpus, out.name)],
+        spec = PrepSpec(out=str(work), tokenizer=str(work / "tokenizer.model"), sources=[corpus_source(corpus, name)],
                         val_fraction=val_fraction, bos=True, eos=False)
         if tokenizer is None:
             log.info("training a %d-piece BPE tokenizer on %s", vocab_size, corpus)
@@ -107,7 +110,7 @@ def prepare_text_folder(corpus: Path, out: Path, vocab_size: int, tokenizer: Opt
         prepare(spec, show_progress=False)
         if out.exists():  # made meanwhile by another process: keep theirs
             return out
-        os.replace(work / out.name, out)
+        os.replace(work / name, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -87,6 +87,7 @@ class TokenData(L.LightningDataModule):
         num_workers: int = 1,
         step_offset: int = 0,
         resize_global_batch: bool = False,
+        allow_repeats_in_step: bool = False,
     ) -> None:
         """Token shards for training and validation: one prepared folder, or a weighted mixture.
 
@@ -118,6 +119,9 @@ class TokenData(L.LightningDataModule):
             resize_global_batch: On resume, accept a global_batch_size other than the checkpoint's:
                 the stream goes on from the sample where it stopped, in batches of the new size, so
                 nothing is skipped or read twice. Otherwise a change is refused.
+            allow_repeats_in_step: Train on a split (or a mixture's source) that holds fewer blocks
+                than one optimizer step reads from it, so that a step reads some blocks several
+                times. Refused otherwise, naming the sizes.
         """
         super().__init__()
         if path == "???":
@@ -138,6 +142,7 @@ class TokenData(L.LightningDataModule):
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.seed, self.val_batches, self.val_fraction = seed, val_batches, val_fraction
         self.verify, self.num_workers = verify, num_workers
+        self.allow_repeats_in_step = allow_repeats_in_step
         if step_offset < 0:
             raise ConfigError(f"data.step_offset must be >= 0, got {step_offset}")
         self.step_offset, self.resize_global_batch = step_offset, resize_global_batch
@@ -221,6 +226,7 @@ class TokenData(L.LightningDataModule):
                     pass
         weights = [s.weight for s in self.sources] if self.sources else None
         self.order = SampleOrder(train_sets, self.seed, weights)
+        self._check_step_fits(folders, train_sets)
         self.fingerprints = [shards.split_fingerprint(folder, "train") for folder in folders]
         self.folders, self.names, self.val_sets, self.val_batches_per_source = folders, names, val_sets, val_batches
         self.tokenizer = tokenizer if tokenizer.is_file() else None
@@ -233,6 +239,22 @@ class TokenData(L.LightningDataModule):
                 log.info("data %s (%s): weight %.6f, %d train blocks of %d tokens (%.1f epochs per 1000 steps), "
                          "%d validation batches", name, folder, w, len(train), self.seq_len + 1,
                          1000 * self.global_batch_size * w / len(train), vb)
+
+    def _check_step_fits(self, folders: list[Path], train_sets: list[Blocks]) -> None:
+        """A step that reads some blocks of a split several times is refused unless asked for."""
+        for folder, train, w in zip(folders, train_sets, self.order.mixture.weights):
+            per_step = self.global_batch_size * w
+            if len(train) >= per_step:
+                continue
+            share = f" x weight {w:.4f}" if len(train_sets) > 1 else ""
+            message = (f"{folder}: training split holds {len(train)} blocks of {self.seq_len + 1} tokens, fewer than the "
+                       f"{per_step:.0f} sequences one step reads from it (data.global_batch_size {self.global_batch_size}"
+                       f"{share}): each block would be read about {per_step / len(train):.1f} times within a step")
+            if not self.allow_repeats_in_step:
+                raise ConfigError(message + "; add data, lower data.global_batch_size or data.seq_len, or pass "
+                                  "--data.allow_repeats_in_step true")
+            if self._is_rank_zero():
+                log.warning("%s (data.allow_repeats_in_step)", message)
 
     def samples_before(self, step: int) -> int:
         """The global sample that optimizer step ``step`` starts at."""

@@ -120,6 +120,19 @@ def format_table(table: list[dict]) -> str:
 
 
 @torch.no_grad()
+def read_texts(names: list[str]) -> list[str]:
+    """The texts of ``--text`` files; one that cannot be read, or holds nothing to score, is an error."""
+    texts = []
+    for name in names:
+        try:
+            texts.append(Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvalError(f"--text {name}: cannot be read as UTF-8 text ({e})") from e
+        if not texts[-1]:
+            raise EvalError(f"--text {name}: the file is empty; bits per byte needs at least one byte of text")
+    return texts
+
+
 def bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], batch: int = 8) -> dict:
     """Negative log-likelihood of every token of each text (one document each, BOS in front), in
     windows of the model's context, and the same in bits per UTF-8 byte of the texts."""
@@ -201,18 +214,13 @@ def main(argv: list[str]) -> None:
     manager = task_manager(args.include_path) if tasks else None
     if tasks:
         resolve_tasks(tasks, manager)
+    texts = read_texts(args.text or [])  # before any model is loaded: a bad file fails at once
     source = load_pretrained(args.checkpoint, need_tokenizer=True)
     model, tok = load_checkpoint(args.checkpoint, device=args.device)
     meta = source.meta()
     report = {"checkpoint": str(source.folder), "kind": source.kind, "step": meta.get("step"), "tokens": meta.get("tokens"),
               "parameters": source.config.num_params()}
     if args.text:
-        texts = []
-        for name in args.text:
-            try:
-                texts.append(Path(name).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as e:
-                raise EvalError(f"--text {name}: cannot be read as UTF-8 text ({e})") from e
         report["text"] = {"files": args.text, **bits_per_byte(model, tok, texts, args.batch_size)}
         t = report["text"]
         print(f"{t['documents']} documents, {t['bytes']:,} bytes, {t['tokens']:,} tokens: "

@@ -17,6 +17,7 @@ from tinytrain.callbacks import Checkpointing, requeue_slurm_job
 from tinytrain.console import StepProgress
 from tinytrain.evalloop import DownstreamEval
 from tinytrain.checkpoint import STATE, damage, latest_checkpoint, point_last, resolve_checkpoint, set_aside, step_dirs
+from tinytrain import safeload
 from tinytrain.errors import ConfigError, TrainingError
 from tinytrain.runlock import RunLock
 from tinytrain.spikes import read_rollbacks, record_rollback
@@ -28,9 +29,9 @@ def checkpoint_state_path(value: str) -> str:
     """Lightning's ckpt_path from what a user may pass, as `generate` and `convert` accept it: a
     step folder, its `last` link, a run folder or its checkpoints folder (or the state itself)."""
     path = Path(value).expanduser()
-    if path.name == STATE and path.exists():
-        return str(path)
-    return str(resolve_checkpoint(path) / STATE)
+    state = path if path.name == STATE and path.exists() else resolve_checkpoint(path) / STATE
+    safeload.check_state(state)  # before Lightning reads it: nothing in it may need code to load
+    return str(state)
 
 
 def automatic_precision(accelerator: str) -> str:
@@ -95,6 +96,7 @@ class TinyTrainCLI(LightningCLI):
             branch = self._branch_state(folder, ckpt_cb) if ckpt_cb.branch_from is not None else None
             found = latest_checkpoint(folder) if ckpt_cb.resume else None
             if found is not None:
+                safeload.check_state(found / STATE)
                 if rank_zero:
                     log.info("resuming from %s", found)
                     self._set_aside_damaged(folder, found)

@@ -211,7 +211,9 @@ class TensorSource:
 
     @staticmethod
     def _bin(path: Path) -> dict:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        from tinytrain.safeload import torch_load
+
+        return torch_load(path, map_location="cpu", mmap=True)
 
     def _handle(self, path: Path):
         if path not in self._open:

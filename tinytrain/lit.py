@@ -179,6 +179,11 @@ class LitLlama(L.LightningModule):
             for loop in (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop):
                 loop.inference_mode = False
         log.info("%s", self._process_description())
+        max_steps = self.trainer.max_steps
+        if stage == "fit" and 0 < max_steps < self.optim.warmup_steps and self.trainer.is_global_zero:
+            log.warning("model.optim.warmup_steps (%d) is beyond trainer.max_steps (%d): the learning rate reaches only "
+                        "%.3g of its peak model.optim.lr %g", self.optim.warmup_steps, max_steps,
+                        self.optim.lr_at(max_steps - 1), self.optim.lr)
         spec = self._data_spec()
         if spec is None:
             return

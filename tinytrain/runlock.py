@@ -104,7 +104,10 @@ class RunLock:
 
     def acquire(self) -> None:
         self._made_folder = not self.path.parent.exists()  # removed again on release if nothing else was written
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._unwritable(e) from e
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -120,12 +123,18 @@ class RunLock:
                                     f"expires {EXPIRY:.0f} s after its last heartbeat")
                 self._break(info, why)
                 continue
+            except OSError as e:  # a read-only file system, no permission, no room
+                raise self._unwritable(e) from e
             with os.fdopen(fd, "w") as f:
                 json.dump(self._info(), f)
             self._thread = threading.Thread(target=self._beat, name="tinytrain-run-lock", daemon=True)
             self._thread.start()
             return
         raise RunLocked(f"{self.path}: could not take the lock (contended); try again")
+
+    def _unwritable(self, e: OSError) -> TinyTrainError:
+        return TinyTrainError(f"{self.path.parent}: cannot write to the run folder ({e.strerror or e}); training "
+                              "writes its checkpoints there: make it writable or use another --trainer.default_root_dir")
 
     def _break(self, info: dict, why: str) -> None:
         aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}-{self.token}")

@@ -45,6 +45,22 @@ class FSDP2(ModelParallelStrategy):
         self.gather_once_per_step, self.hybrid, self.shard_group_size = gather_once_per_step, hybrid, shard_group_size
         self.fsdp_mesh = None
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        # Lightning's reader unpickles a sharded checkpoint's metadata and byte items as they come:
+        # tinytrain.safeload makes it refuse anything but metadata classes, tensors and plain values.
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from tinytrain import safeload
+
+        safeload.harden()
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except CheckpointException as e:  # each rank's error, gathered: ours is one line
+            inner = safeload.unwrap(e)
+            if inner is None:
+                raise
+            raise inner from None
+
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()

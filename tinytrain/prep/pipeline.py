@@ -381,8 +381,27 @@ def _finished_units(folder: Path, source: Source, plan: dict, mine: set[int]) ->
     return records
 
 
+def check_has_documents(source: Source, records: list[dict]) -> None:
+    """A source that yielded no document is an error naming it, with what was skipped and why."""
+    if sum(r["documents"]["train"] + r["documents"]["val"] for r in records):
+        return
+    files = [f for r in records for f in r["files"]]
+    skipped = {k: sum(f[k] for f in files) for k in COUNTERS[1:]}
+    skipped["too_short"] = sum(r.get("too_short", 0) for r in records)
+    errors = sum(1 for f in files if f.get("error"))
+    why = ", ".join(f"{k} {n}" for k, n in skipped.items() if n) or "nothing skipped"
+    message = f"source {source.name!r} yielded no document from {len(files)} file(s) ({why}"
+    message += f"; {errors} unreadable)" if errors else ")"
+    found = next((f["fields_found"] for f in files if f.get("fields_found")), None)
+    if skipped["missing_field"]:
+        message += (f": its records have no string field {source.text_field!r}"
+                    + (f"; fields found: {', '.join(found)} (set text_field)" if found else ""))
+    raise PrepError(message)
+
+
 def finish_source(folder: Path, source: Source, plan: dict, records: list[dict], tokenizer: Tokenizer) -> Path:
     """Join the units' validation parts into val shards, write the tokenizer and the manifest."""
+    check_has_documents(source, records)
     dtype = shards.dtype_for_vocab(tokenizer.vocab_size)
     val = shards.ShardWriter(folder, "val", dtype, plan["settings"]["shard_tokens"])
     try:

@@ -41,9 +41,11 @@ class FileReport:
         self.name = name
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.error: Optional[str] = None
+        self.fields: list[str] = []  # what a record lacking the text field had instead (the first such)
 
     def as_dict(self) -> dict:
-        return {"file": self.name, **self.counts, **({"error": self.error} if self.error else {})}
+        return {"file": self.name, **self.counts, **({"error": self.error} if self.error else {}),
+                **({"fields_found": self.fields} if self.fields else {})}
 
 
 def _skip(report: FileReport, what: str, where: str, strict: bool) -> None:
@@ -123,11 +125,13 @@ def jsonl_records(path: Path, report: FileReport, strict: bool) -> Iterator[tupl
             yield line_no, record
 
 
-def parquet_records(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
+def parquet_records(path: Path, columns: list[str], report: FileReport) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     present = [c for c in columns if c in pf.schema_arrow.names]
+    if len(present) < len(columns):
+        report.fields = list(pf.schema_arrow.names[:20])
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=present):
         for record in batch.to_pylist():
@@ -161,6 +165,8 @@ def unit_documents(source: Source, root: Optional[Path], unit: dict, strict: boo
             text = lookup(record, source.text_field)
             if not isinstance(text, str):
                 _skip(report, "missing_field", f"{where}:{index}: no string field {source.text_field!r}", strict)
+                if not report.fields and isinstance(record, dict):
+                    report.fields = sorted(map(str, record))[:20]
                 continue
             if not text.strip():
                 report.counts["empty"] += 1
@@ -203,7 +209,7 @@ def unit_documents(source: Source, root: Optional[Path], unit: dict, strict: boo
         if fmt == "jsonl":
             records = lambda: jsonl_records(path, report, strict)  # noqa: E731
         elif fmt == "parquet":
-            records = lambda: parquet_records(path, columns)  # noqa: E731
+            records = lambda: parquet_records(path, columns, report)  # noqa: E731
         else:
             records = lambda: text_records(path, source.text_field, report, strict)  # noqa: E731
         yield from guarded(report, entry["file"], records, entry["bytes"], whole_file=fmt == "text")
