@@ -232,3 +232,23 @@ def test_in_loop_evaluation_under_fsdp2_logs_and_leaves_training_alone(setting, 
     a = load_model_weights(tmp_path / "with" / "runs" / "ci" / "checkpoints" / "last")
     b = load_model_weights(tmp_path / "without" / "runs" / "ci" / "checkpoints" / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_survive_validation_and_in_loop_evaluation_under_fsdp2(setting, tmp_path):
+    """Compiled blocks (fullgraph) with every switch that adds graphs: validation, the harness's
+    scoring and generation (KV caches, size-1 batches) run eager, so nothing hits torch's
+    recompile limit, and training after them reuses its graph (no recompilation at all)."""
+    root, tasks = setting
+    proc = run_tinytrain(
+        "fit", "--config", RECIPES / "ci.yaml", "--data.corpus", root / "facts", "--data.val_fraction", "0.1",
+        "--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.precision", "bf16-mixed",
+        "--trainer.max_steps", "12", "--trainer.val_check_interval", "4",
+        "--model.compile", "true", "--model.compile_loss", "true", "--model.document_masking", "true",
+        "--model.activation_checkpointing", "true", "--model.config.logit_scaling_window", "32",
+        "--eval.tasks", "[tt_choice, tt_gen]", "--eval.include_path", f"[{tasks}]", "--eval.every_n_steps", "4",
+        "--eval.limit", "3", cwd=tmp_path, env={"TINYTRAIN_CACHE": str(root / "cache"), "TORCH_LOGS": "recompiles"})
+    rows = metric_rows(tmp_path / "runs" / "ci")
+    assert [s for s, _ in series(rows, "eval/tt_choice/acc")] == [4, 8, 12]
+    assert len(series(rows, "val/loss")) == 3
+    assert "Recompiling function" not in proc.stderr, proc.stderr[-4000:]

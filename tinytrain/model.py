@@ -292,6 +292,11 @@ class Llama(nn.Module):
         # document; with document_positions, RoPE positions also restart at each document.
         self.document_boundary: Optional[int] = None
         self.document_positions = False
+        # Compiled versions of the blocks and of logits_loss (set from outside, by tinytrain.parallel):
+        # used for the training step only (train mode, gradients on). Validation, evaluation and
+        # decoding run eager, so their other shapes and modes never add graphs to the compiled ones.
+        self.compiled_layers: tuple = ()
+        self.compiled_logits_loss = None
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -382,15 +387,21 @@ class Llama(nn.Module):
             query_scale = ((positions + 1).float().log() / math.log(self.config.logit_scaling_window)).clamp(min=1.0)
             query_scale = query_scale[..., None] if positions.dim() == 1 else query_scale[:, None, :, None]
         x = self.embed_tokens(idx)  # (B, T, d)
-        for block in self.layers:
+        layers = self.compiled_layers if self.compiled_layers and self._training_step() else self.layers
+        for block in layers:
             x = block(x, cos, sin, pos, documents, query_scale)
         return x
+
+    def _training_step(self) -> bool:
+        return self.training and torch.is_grad_enabled() and self.layers[0].self_attn.kv_cache is None
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Final norm, output head and mean cross-entropy."""
         # The norm runs as a module (FSDP2 gathers the norm + head group in its forward hook);
         # the rest reads the head's weight as a tensor, so ``compile_loss`` can compile it whole.
-        return self.logits_loss(self.norm(x), self.lm_head.weight, targets)
+        fn = self.compiled_logits_loss if self.compiled_logits_loss is not None and self._training_step() \
+            else self.logits_loss
+        return fn(self.norm(x), self.lm_head.weight, targets)
 
     def logits_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits x @ weight.T against targets: the part ``compile_loss`` compiles."""

@@ -58,14 +58,16 @@ def apply_activation_checkpointing(model: Llama) -> None:
 
 
 def apply_compile(model: Llama) -> None:
-    """torch.compile each transformer block (one graph per block, reused by all 22)."""
-    for block in model.layers:
-        block.compile(fullgraph=True)
+    """torch.compile each transformer block (one graph, reused by all 22) for the training step.
+    Everything else (validation, evaluation, decoding with a KV cache) runs the same blocks eager:
+    each mode, shape and cache state would add graphs, and under ``fullgraph=True`` the 9th graph
+    of a frame is an error (torch's recompile limit), mid-run."""
+    model.compiled_layers = tuple(torch.compile(block, fullgraph=True) for block in model.layers)
 
 
 def apply_compile_loss(model: Llama) -> None:
-    """torch.compile the output head and cross-entropy (``Llama.logits_loss``)."""
-    model.logits_loss = torch.compile(model.logits_loss, fullgraph=True)
+    """torch.compile the output head and cross-entropy (``Llama.logits_loss``), for the training step."""
+    model.compiled_logits_loss = torch.compile(model.logits_loss, fullgraph=True)
 
 
 def _float8_eligible(module: nn.Module, fqn: str) -> bool:
