@@ -179,6 +179,10 @@ def test_sigterm_ends_every_process_at_once(code_corpus, tmp_path):
         time.sleep(0.2)
     assert first.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no checkpoint in 300 s"
     time.sleep(1)  # mid-training
+    worker = next(p["pid"] for p in processes() if p["ppid"] == proc.pid and p["state"] != "Z")
+    # The worker has no one to forward SIGTERM to: it keeps the default action, which ends it even
+    # while it waits in a collective (a Python handler would run only once the wait is over).
+    assert not _catches(worker, signal.SIGTERM) and _catches(proc.pid, signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     try:
         stderr = proc.communicate(timeout=30)[1]
@@ -195,3 +199,42 @@ def test_sigterm_ends_every_process_at_once(code_corpus, tmp_path):
     assert not alive_in_group()  # the worker Lightning started is gone too
     last = tmp_path / "runs" / "ci" / "checkpoints" / "last"
     assert damage(last) is None
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    mask = next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def test_a_worker_dies_with_its_launcher(code_corpus, tmp_path):
+    """SIGKILL of the process that started the workers (an OOM kill, a node agent) ends them too
+    (PR_SET_PDEATHSIG), instead of leaving them waiting in a collective for its timeout."""
+    import signal
+    import sys
+    import time
+
+    args = ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "5000",
+                   "--model.optim.decay_steps", "5000", "--checkpoint.every_n_steps", "10",
+                   "--trainer.val_check_interval", "5000")
+    env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", *map(str, args)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "runs/ci/checkpoints/step-00000010").exists() and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.2)  # both processes are in the training loop
+        assert proc.poll() is None, "the run ended early"
+        worker = next(p["pid"] for p in processes() if p["ppid"] == proc.pid and p["state"] != "Z")
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(p["pid"] == worker and p["state"] != "Z" for p in processes()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(p["pid"] == worker and p["state"] != "Z" for p in processes())
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

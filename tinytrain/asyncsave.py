@@ -56,6 +56,14 @@ class AsyncWriter:
         self._group = None
         self._pool: Optional[ThreadPoolExecutor] = None
 
+    def prepare(self, strategy) -> None:
+        """Create the gloo group the sharded writes use, on every rank: at train start, where a
+        misresolved address (see GLOO_SOCKET_IFNAME in slurm/README.md) fails at once rather than
+        hours into the run, at the first save."""
+        sharded = isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint
+        if self._group is None and sharded and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+
     def start(self, trainer, path: Path) -> Future:
         """Stage ``trainer``'s full state and start writing it to ``path`` (``.../state.ckpt``).
         Every rank calls this at the same step. The future raises what the write raised."""
@@ -76,8 +84,7 @@ class AsyncWriter:
         # The same split as ModelParallelStrategy.save_checkpoint: tensors sharded, the rest in meta.pt.
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        if self._group is None:
-            self._group = dist.new_group(backend="gloo")  # every rank, at the first save
+        self.prepare(strategy)
         path.mkdir(parents=True, exist_ok=True)
         future = dcp.async_save(state, checkpoint_id=path, process_group=self._group)  # stages, then returns
         if strategy.global_rank == 0:  # small, and written now: no copy needed

@@ -119,6 +119,8 @@ class Checkpointing(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         preemption.take_sigterm_from_lightning(trainer)
+        if self._writer is not None:
+            self._writer.prepare(trainer.strategy)
         if self._stop_requested(trainer, force_check=True):
             # Signalled while the model was built, compiled or restored: nothing new to save.
             log.info("SIGUSR1 before the first step: stopping at step %d without training", trainer.global_step)

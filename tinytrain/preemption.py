@@ -56,11 +56,35 @@ def take_sigterm_from_lightning(trainer) -> None:
     if epoch_loop is not None and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
         epoch_loop._broadcast_sigterm_tensor = lambda: None
     launcher = getattr(trainer.strategy, "launcher", None)
+    children = list(getattr(launcher, "procs", None) or [])
+    if not children:
+        # Nothing to forward to: the default action, which the kernel applies even while this
+        # process is blocked in a device sync or a collective (a Python handler would wait there,
+        # up to the collective's timeout, when a peer has already gone).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if int(os.environ.get("LOCAL_RANK", 0) or 0) > 0:
+            die_with_parent()  # a worker Lightning (or torchrun) started: never outlive the launcher
+        return
 
     def on_sigterm(signum, frame) -> None:
-        if launcher is not None and hasattr(launcher, "kill"):
-            launcher.kill(signum)  # Lightning's local launcher: its worker processes
+        launcher.kill(signum)  # Lightning's local launcher: its worker processes
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when the one that started it ends (PR_SET_PDEATHSIG);
+    False where that is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the parent ended before the request: it would never fire
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
