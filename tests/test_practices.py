@@ -26,10 +26,11 @@ def documents(seed: int = 0):
     return [tail, *docs]
 
 
-def masked(config, positions: bool = False, seed: int = 0) -> Llama:
+def masked(config, positions: bool = False, seed: int = 0, attention: str = "auto") -> Llama:
     torch.manual_seed(seed)
     model = Llama(config)
-    parallel.prepare(model, parallel.Switches(document_masking=True, document_positions=positions), bos_id=BOS)
+    parallel.prepare(model, parallel.Switches(attention=attention, document_masking=True,
+                                              document_positions=positions), bos_id=BOS)
     return model
 
 
@@ -65,6 +66,54 @@ def test_a_packed_block_with_masking_is_each_document_on_its_own(positions):
     # and the loss the trainer computes (in fp32) is the same mean
     sep = F.cross_entropy(torch.cat(alone), targets[0])
     torch.testing.assert_close(model(packed, targets).double(), sep, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()  # FlexAttention has no backward on CPU: CUDA trains with it, here its forward is compared
+def test_flexattention_block_mask_gives_the_dense_masks_logits():
+    config = LlamaConfig.from_name("ci")
+    packed = torch.stack([torch.cat(documents(0)), torch.cat(documents(1))])
+    dense, flex = masked(config, attention="sdpa").eval(), masked(config, attention="flex").eval()
+    assert flex.layers[0].self_attn.kernel.documents(packed.eq(BOS).cumsum(1)).block_mask is not None
+    torch.testing.assert_close(flex(packed), dense(packed), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_varlen_offsets_are_built_once_per_forward_not_per_layer(monkeypatch):
+    """With flash-attn (mocked: CPU), the document offsets cost one host sync per forward whatever
+    the depth, activation checkpointing's recompute included: none in the layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tinytrain import attention
+
+    syncs = {"n": 0}
+    reads = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+    class CountSyncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            syncs["n"] += func in reads
+            return func(*args, **(kwargs or {}))
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        assert isinstance(max_q, int) and cu_q.dtype == torch.int32
+        return q * 1.0
+
+    monkeypatch.setattr(attention.Kernel, "_use_flash", lambda self, q: True)
+    monkeypatch.setattr(attention, "_flash_varlen_func", lambda: fake_varlen)
+    monkeypatch.setattr(attention.Kernel, "documents",
+                        lambda self, ids: attention.Documents(ids, cu_seqlens=attention.document_offsets(ids)))
+    counts = []
+    for layers in (2, 4):
+        config = LlamaConfig.from_name("ci")
+        config.num_hidden_layers = layers
+        model = Llama(config)
+        parallel.prepare(model, parallel.Switches(document_masking=True, activation_checkpointing=True), bos_id=BOS)
+        packed = torch.cat(documents())[None]
+        syncs["n"] = 0
+        with CountSyncs():
+            model(packed, packed).backward()
+        counts.append(syncs["n"])
+    assert counts[0] == counts[1] == 1, counts
+    cu = attention.document_offsets(torch.cat(documents())[None].eq(BOS).cumsum(1))
+    assert cu.tolist() == [0, 5, 15, 30, 37]
 
 
 def test_without_masking_a_document_sees_the_one_before():

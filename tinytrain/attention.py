@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,27 @@ from tinytrain.errors import ConfigError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
-# Backends a recipe can name (model.attention). "sdpa-<kernel>" pins PyTorch's
+# Backends a recipe can name (model.attention). "flex" attends within documents through
+# FlexAttention (what "auto" and "sdpa" do on CUDA without flash-attn) and is SDPA otherwise. "sdpa-<kernel>" pins PyTorch's
 # scaled_dot_product_attention to one kernel for the training forward (a failure to run it is an
 # error, not a silent fallback); plain "sdpa" lets PyTorch choose.
 SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
 # CUDA-only kernels, which may also not take grouped KV heads (they are given one K/V copy per head).
 CUDA_SDPA_KERNELS = ("sdpa-cudnn", "sdpa-efficient")
-BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash-attn")
+BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash-attn", "flex")
+
+
+class Documents(NamedTuple):
+    """Which document each token belongs to, with what the chosen kernel needs to attend within
+    documents, built once per forward (``Kernel.documents``) rather than in every layer."""
+
+    ids: torch.Tensor
+    """(B, T) document index of each token (0 before a block's first BOS)."""
+    cu_seqlens: Optional[torch.Tensor] = None
+    """flash-attn varlen: int32 offsets of every document of the flattened batch, then B T."""
+    block_mask: Optional[Any] = None
+    """FlexAttention: the causal, same-document BlockMask."""
 
 
 @functools.cache
@@ -61,8 +74,21 @@ class Kernel:
                                    "importable (pip install 'tinytrain[flash]' on a CUDA machine), or use 'sdpa'")
         self.sdpa_kernels = [SDPA_KERNELS[backend]] if backend in SDPA_KERNELS else None
 
+    def documents(self, ids: torch.Tensor) -> Documents:
+        """What attending within documents needs, for a batch of document ids (B, T): flash-attn's
+        varlen offsets (one host sync per forward, not three per layer), or FlexAttention's block
+        mask (on CUDA without flash-attn, or with backend "flex"), or the ids alone (the dense
+        mask of SDPA, built per layer: fine at CPU sizes, T^2 memory at long contexts)."""
+        if self.flash_fn is not None and ids.is_cuda:
+            return Documents(ids, cu_seqlens=document_offsets(ids))
+        # FlexAttention has no backward on CPU: a CPU training step keeps the dense mask.
+        if (self.backend == "flex" and (ids.is_cuda or not torch.is_grad_enabled())) or \
+                (ids.is_cuda and self.backend in ("auto", "sdpa")):
+            return Documents(ids, block_mask=document_block_mask(ids))
+        return Documents(ids)
+
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+               documents: Optional[Documents] = None) -> torch.Tensor:
         """Attention of every position to itself and the ones before it; with ``documents`` (B, T)
         ids, only to those of its own document."""
         if documents is not None:
@@ -86,14 +112,18 @@ class Kernel:
         with sdpa_kernel(self.sdpa_kernels):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
-    def _within_documents(self, q, k, v, documents: torch.Tensor) -> torch.Tensor:
+    def _within_documents(self, q, k, v, documents: Documents) -> torch.Tensor:
         if self._use_flash(q):
             _note("flash-attn varlen (document masking)")
-            return _flash_varlen(q, k, v, documents)
+            cu = documents.cu_seqlens if documents.cu_seqlens is not None else document_offsets(documents.ids)
+            return _flash_varlen(q, k, v, cu)
+        if documents.block_mask is not None:
+            _note("FlexAttention with a document block mask")
+            return _flex()(q, k, v, block_mask=documents.block_mask, enable_gqa=k.size(1) != q.size(1))
         _note("sdpa with a document mask")
-        T = q.size(2)
+        T, ids = q.size(2), documents.ids
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = (documents[:, :, None] == documents[:, None, :]) & causal  # (B, T, T)
+        mask = (ids[:, :, None] == ids[:, None, :]) & causal  # (B, T, T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=k.size(1) != q.size(1))
 
     def _use_flash(self, q: torch.Tensor) -> bool:
@@ -114,15 +144,41 @@ def _flash_varlen_func():
     return flash_attn_varlen_func
 
 
-def _flash_varlen(q, k, v, documents: torch.Tensor) -> torch.Tensor:
-    """flash-attn's variable-length kernel over every document of the batch as its own sequence."""
-    B, H, T, D = q.shape
-    flat = (documents + torch.arange(B, device=documents.device)[:, None] * (T + 1)).flatten()  # unique per row
+def document_offsets(ids: torch.Tensor) -> torch.Tensor:
+    """flash-attn varlen's cu_seqlens for (B, T) document ids: the start of every document of the
+    flattened batch (a row's start always starts one), then B T, as int32. One host sync (nonzero)."""
+    B, T = ids.shape
+    flat = (ids + torch.arange(B, device=ids.device)[:, None] * (T + 1)).flatten()  # unique per row
     starts = torch.cat([torch.ones(1, dtype=torch.bool, device=flat.device), flat[1:] != flat[:-1]])
-    cu = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([B * T], device=flat.device)]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    end = torch.full((1,), B * T, dtype=torch.int64, device=flat.device)
+    return torch.cat([torch.nonzero(starts).flatten(), end]).to(torch.int32)
+
+
+def document_block_mask(ids: torch.Tensor):
+    """FlexAttention's block mask: causal, and within the same document."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+
+    B, T = ids.shape
+    return create_block_mask(same_document, B, None, T, T, device=ids.device)
+
+
+@functools.cache
+def _flex():
+    """flex_attention, compiled on CUDA (its fused kernel); eager elsewhere (CPU tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
+
+
+def _flash_varlen(q, k, v, cu: torch.Tensor) -> torch.Tensor:
+    """flash-attn's variable-length kernel over every document of the batch as its own sequence.
+    max_seqlen is T, an upper bound known without a sync."""
+    B, H, T, D = q.shape
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.size(1), D) for x in (q, k, v))  # (B T, heads, hd)
-    y = _flash_varlen_func()(q, k, v, cu, cu, longest, longest, causal=True)
+    y = _flash_varlen_func()(q, k, v, cu, cu, T, T, causal=True)
     return y.reshape(B, T, H, D).transpose(1, 2)
 
 

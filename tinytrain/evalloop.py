@@ -50,6 +50,7 @@ class DownstreamEval(Callback):
         self.num_fewshot, self.batch_size, self.include_path, self.at_end = num_fewshot, batch_size, include_path, at_end
         self._manager = None
         self._done_at: Optional[int] = None
+        self.busy_seconds = 0.0  # spent evaluating: not training time (tinytrain.monitor leaves it out)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.tasks and stage == "fit":
@@ -92,6 +93,7 @@ class DownstreamEval(Callback):
                 metrics["eval/tinyllama/average"] = average
         metrics = trainer.strategy.broadcast(metrics, src=0)
         metrics["eval/seconds"] = time.perf_counter() - started
+        self.busy_seconds += metrics["eval/seconds"]
         if trainer.is_global_zero:
             for logger in trainer.loggers:  # straight to the loggers: this step may not be one Lightning writes
                 logger.log_metrics(metrics, step=trainer.global_step)

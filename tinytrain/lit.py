@@ -272,7 +272,11 @@ class LitLlama(L.LightningModule):
                 from tinytrain.evaluate import byte_lengths
                 from tinytrain.tokenizer import Tokenizer
 
-                self._token_bytes = byte_lengths(Tokenizer(spec.tokenizer))
+                table = byte_lengths(Tokenizer(spec.tokenizer))
+                # Padded to the model's vocabulary, so any target id indexes it (no host check per batch);
+                # the data's ids are the tokenizer's, checked against the vocabulary at start-up.
+                size = max(self.config.vocab_size, table.numel())
+                self._token_bytes = torch.cat([table, table.new_zeros(size - table.numel())])
         if self._token_bytes is not None:
             self._token_bytes = self._token_bytes.to(self.device)
 
@@ -289,7 +293,7 @@ class LitLlama(L.LightningModule):
         else:
             loss = self.model(batch[:, :-1], targets).detach()
         self._val_losses.setdefault(dataloader_idx, []).append(loss)
-        if self._token_bytes is not None and int(targets.max()) < self._token_bytes.numel():
+        if self._token_bytes is not None:
             # bits per byte: the loss over the UTF-8 bytes the targets stand for (tokenizer-independent)
             sums = torch.stack([loss.double() * targets.numel(), self._token_bytes[targets].sum().double()])
             self._val_nats_bytes[dataloader_idx] = self._val_nats_bytes.get(dataloader_idx, 0) + sums

@@ -229,7 +229,7 @@ class LlamaAttention(nn.Module):
         self.backend, self.flash_fn, self.sdpa_kernels = backend, self.kernel.flash_fn, self.kernel.sdpa_kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
-                documents: Optional[torch.Tensor] = None, query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                documents: Optional[attention.Documents] = None, query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -271,7 +271,7 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
-                documents: Optional[torch.Tensor] = None, query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                documents: Optional[attention.Documents] = None, query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, documents,
                                query_scale if self.scaled else None)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -373,7 +373,8 @@ class Llama(nn.Module):
             )
         documents = None
         if self.document_boundary is not None and pos == 0 and self.layers[0].self_attn.kv_cache is None:
-            documents = (idx == self.document_boundary).cumsum(dim=1)  # (B, T); 0 before a block's first BOS
+            ids = (idx == self.document_boundary).cumsum(dim=1)  # (B, T); 0 before a block's first BOS
+            documents = self.layers[0].self_attn.kernel.documents(ids)  # once, for every layer
         if documents is not None and self.document_positions:
             positions = positions_in_documents(idx == self.document_boundary)  # (B, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
