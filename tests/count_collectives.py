@@ -1,4 +1,5 @@
-"""Runs `tinytrain fit` with every torch.distributed collective counted, per optimizer step.
+"""Runs `tinytrain fit` with every torch.distributed collective, and every read of a tensor's value
+to the host, counted per optimizer step.
 
     python tests/count_collectives.py OUT.json fit --config ... --trainer.callbacks+=count_collectives.PerStep
 
@@ -11,7 +12,9 @@ import collections
 import json
 import sys
 import threading
+import traceback
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
@@ -20,6 +23,7 @@ KINDS = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gathe
          "all_reduce": "all_reduce", "broadcast": "broadcast", "barrier": "barrier"}
 counts: collections.Counter = collections.Counter()
 _depth = threading.local()
+where: collections.Counter = collections.Counter()  # caller of each host read, for a failing test's message
 
 
 def _counted(name, fn):
@@ -38,6 +42,22 @@ def _counted(name, fn):
 for _name in KINDS:
     if hasattr(dist, _name):
         setattr(dist, _name, _counted(_name, getattr(dist, _name)))
+
+
+def _read_counted(fn):
+    """A tensor read to the host (a device sync on a GPU) asked for by Lightning or tinytrain (not
+    the optimizer's own reads of its CPU step counters, which are not syncs)."""
+    def wrapper(self, *args, **kwargs):
+        caller = traceback.extract_stack(limit=2)[0]  # who asked: a call straight from their code
+        if "lightning" in caller.filename or "tinytrain" in caller.filename:
+            counts["host_read"] += 1
+            where[f"{caller.filename.split('site-packages/')[-1]}:{caller.lineno}"] += 1
+        return fn(self, *args, **kwargs)
+    return wrapper
+
+
+for _name in ("item", "tolist", "__float__", "__int__"):
+    setattr(torch.Tensor, _name, _read_counted(getattr(torch.Tensor, _name)))
 
 
 class PerStep(Callback):
@@ -59,7 +79,7 @@ class PerStep(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         with open(f"{sys.argv[1]}.{trainer.global_rank}", "w") as f:
-            json.dump({"steps": self.steps}, f)
+            json.dump({"steps": self.steps, "host_reads_from": dict(where)}, f)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def test_fsdp2_gathers_once_per_step_and_syncs_the_host_only_when_logging(code_c
     gather each group for every forward and the embedding and first block again for every backward
     (2 x (4 + 2) = 12 all-gathers); kept gathered for the step, each group is gathered once (4).
     Gradients are reduce-scattered once per group and step. Other collectives (the loss for the
-    log, the agreement on SIGUSR1) happen only every 5th step; Lightning's broadcast of a SIGTERM
+    log, the agreement on SIGUSR1), and reads of device values to the host, happen only around every
+    5th step; Lightning's broadcast of a SIGTERM
     flag before every batch (a collective and a host sync per step) is switched off. Both give the
     same losses."""
     once, losses_once = count_collectives(tmp_path / "once", code_corpus, True)
@@ -139,11 +140,15 @@ def test_fsdp2_gathers_once_per_step_and_syncs_the_host_only_when_logging(code_c
     assert [s["all_gather"] for s in once] == [4] * 10
     assert [s["all_gather"] for s in twice] == [12] * 10
     assert [s["reduce_scatter"] for s in once] == [s["reduce_scatter"] for s in twice] == [4] * 10
-    others = [{k: v for k, v in s.items() if k not in ("all_gather", "reduce_scatter")} for s in once]
+    others = [{k: v for k, v in s.items() if k not in ("all_gather", "reduce_scatter", "host_read")} for s in once]
     # Steps 5 and 10 agree on SIGUSR1 in their batch-end hooks; step 5's logged loss is reduced in
     # the module's batch-end hook, which runs after the callbacks', so it falls in step 6's count
     # (step 10's, after the last count). Nothing else: no per-step broadcast between batches.
     assert [i for i, s in enumerate(others) if s] == [4, 5, 9]
+    # Reads of device values to the host (each a sync on a GPU: the loss for the log, the progress
+    # bar, the SIGUSR1 agreement) happen only at and right after the logging steps 5 and 10.
+    reads = [s.get("host_read", 0) for s in once]
+    assert all(reads[i] == 0 for i in (0, 1, 2, 3, 7, 8)) and sum(reads) > 0, reads
     assert sorted(losses_once) == sorted(losses_twice) == [4, 9]
     for step in losses_once:
         assert losses_once[step] == pytest.approx(losses_twice[step], rel=1e-6)

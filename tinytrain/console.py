@@ -26,6 +26,8 @@ class StepProgress(ProgressBar):
     def __init__(self) -> None:
         super().__init__()
         self._enabled, self.bar, self._val = True, None, ""
+        self._shown = ""  # loss and tokens/s as of the last step Lightning wrote logs
+        self._logged = False  # whether the previous step was one
 
     def disable(self) -> None:
         self._enabled = False
@@ -46,10 +48,17 @@ class StepProgress(ProgressBar):
                             file=sys.stderr, desc="train", leave=True)
 
     def _metrics(self, trainer) -> str:
-        m = trainer.progress_bar_metrics
-        parts = [f"loss {m['train/loss']:.3f}" if "train/loss" in m else "",
-                 f"{m['train/tokens_per_sec']:,.0f} tok/s" if "train/tokens_per_sec" in m else "", self._val]
-        return " · ".join(p for p in parts if p)
+        # Training metrics are logged without prog_bar: Lightning converts progress-bar metrics to
+        # Python numbers after every batch (a host read, so a device sync, per value and step). The
+        # bar reads the callback metrics (tensors) once per logging interval, at the step after
+        # Lightning wrote logs (when every callback has logged), and keeps the text between.
+        logged_last, self._logged = self._logged, trainer._logger_connector.should_update_logs
+        if logged_last:
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "train/tokens_per_sec")}
+            self._shown = " · ".join(p for p in (f"loss {m['train/loss']:.3f}" if "train/loss" in m else "",
+                                                 f"{m['train/tokens_per_sec']:,.0f} tok/s"
+                                                 if "train/tokens_per_sec" in m else "") if p)
+        return " · ".join(p for p in (self._shown, self._val) if p)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not (self._enabled and trainer.is_global_zero):

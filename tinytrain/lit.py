@@ -238,7 +238,7 @@ class LitLlama(L.LightningModule):
         # loss a collective (sync_dist). The values written are the same as logging every step.
         if self.trainer._logger_connector.should_update_logs:
             dm = self.trainer.datamodule
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+            self.log("train/loss", loss, sync_dist=True)  # not prog_bar: see console.StepProgress
             self.log("train/lr", lr)
             self.log("train/grad_norm", grad_norm)
             self.log("train/tokens", float(dm.tokens_trained(step + 1)))

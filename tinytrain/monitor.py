@@ -56,11 +56,11 @@ class Throughput(Callback):
         tokens_per_sec = spec.tokens_per_step / max(1e-9, (now - last[0]) - (busy - last[1]))
         per_device = tokens_per_sec / trainer.world_size
         flops = per_device * pl_module.config.training_flops_per_token(spec.seq_len)
-        pl_module.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
+        pl_module.log("train/tokens_per_sec", tokens_per_sec)
         pl_module.log("train/tokens_per_sec_per_device", per_device)
         pl_module.log("train/tflops_per_device", flops / 1e12)
         if self.peak is not None:
-            pl_module.log("train/mfu", flops / self.mfu_peak(flops, trainer), prog_bar=True)
+            pl_module.log("train/mfu", flops / self.mfu_peak(flops, trainer))
         if pl_module.device.type == "cuda":
             pl_module.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
 
