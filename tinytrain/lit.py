@@ -58,7 +58,7 @@ class LitLlama(L.LightningModule):
             optim: AdamW, learning-rate schedule and gradient clipping.
             attention: "auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" (PyTorch
                 chooses the kernel), "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math" (that SDPA
-                kernel only) or "flash-attn".
+                kernel only), "flash-attn", or "flex" (document masking through FlexAttention).
             activation_checkpointing: Recompute each block's activations in backward, to save memory.
             compile: torch.compile each transformer block.
             init_from: Start from these weights (a tinytrain checkpoint folder, e.g. one made by

@@ -26,7 +26,8 @@ class Switches:
 
     attention: str = "auto"
     """"auto" (flash-attn when installed on CUDA, else PyTorch SDPA), "sdpa" (PyTorch chooses the
-    kernel), "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math" (that kernel only), "flash-attn"."""
+    kernel), "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math" (that kernel only), "flash-attn",
+    "flex" (document masking through FlexAttention, as auto and sdpa do on CUDA without flash-attn)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward, to save memory."""
     compile: bool = False
