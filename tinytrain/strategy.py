@@ -45,6 +45,28 @@ class FSDP2(ModelParallelStrategy):
         self.gather_once_per_step, self.hybrid, self.shard_group_size = gather_once_per_step, hybrid, shard_group_size
         self.fsdp_mesh = None
 
+    # Lightning builds the state dicts of a save with cpu_offload=True: a synchronous, pageable
+    # device-to-host copy of every shard inside the step loop, before DCP (which copies to the host
+    # as it writes, or in its stager for an asynchronous save) copies again. A sharded save needs
+    # no offload; a full state dict gathered on rank 0 keeps it (rank 0 could not hold it on a GPU).
+    def lightning_module_state_dict(self) -> dict:
+        if not self._save_distributed_checkpoint:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+
+    def optimizer_state(self, optimizer) -> dict:
+        if not self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return get_optimizer_state_dict(self.model, optimizer,
+                                        options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         # Lightning's reader unpickles a sharded checkpoint's metadata and byte items as they come:
         # tinytrain.safeload makes it refuse anything but metadata classes, tensors and plain values.
