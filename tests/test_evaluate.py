@@ -251,4 +251,5 @@ def test_compiled_blocks_survive_validation_and_in_loop_evaluation_under_fsdp2(s
     rows = metric_rows(tmp_path / "runs" / "ci")
     assert [s for s, _ in series(rows, "eval/tt_choice/acc")] == [4, 8, 12]
     assert len(series(rows, "val/loss")) == 3
-    assert "Recompiling function" not in proc.stderr, proc.stderr[-4000:]
+    recompiles = [line for line in proc.stderr.splitlines() if "recompiles" in line.lower()]
+    assert not recompiles, "\n".join(recompiles[:12])

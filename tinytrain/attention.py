@@ -55,7 +55,9 @@ _logged: set[str] = set()
 
 
 def _note(name: str) -> None:
-    if name not in _logged and not torch.compiler.is_compiling():
+    # is_compiling first: a compiled block must not read _logged, or it would guard on the set's
+    # contents and recompile once eager code (validation) has logged a name.
+    if not torch.compiler.is_compiling() and name not in _logged:
         _logged.add(name)
         log.info("attention backend: %s", name)
 

@@ -418,7 +418,12 @@ class Llama(nn.Module):
 
     def clear_kv_caches(self) -> None:
         for block in self.layers:
-            block.self_attn.kv_cache = None
+            attn = block.self_attn
+            if "kv_cache" in attn._modules:
+                # Back to a plain attribute, as built: a cache set once registers a submodule, and a
+                # compiled block guards on where the attribute lives (a recompile after decoding).
+                del attn.kv_cache
+            attn.kv_cache = None
 
 
 @torch.no_grad()
