@@ -381,15 +381,25 @@ def _finished_units(folder: Path, source: Source, plan: dict, mine: set[int]) ->
     return records
 
 
+def skip_counts(records: list[dict]) -> dict[str, int]:
+    """Records skipped across a source's units, by reason (too_short included)."""
+    files = [f for r in records for f in r["files"]]
+    return {**{k: sum(f[k] for f in files) for k in COUNTERS[1:]},
+            "too_short": sum(r.get("too_short", 0) for r in records)}
+
+
+def describe_skips(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in skipped.items() if n)
+
+
 def check_has_documents(source: Source, records: list[dict]) -> None:
     """A source that yielded no document is an error naming it, with what was skipped and why."""
     if sum(r["documents"]["train"] + r["documents"]["val"] for r in records):
         return
     files = [f for r in records for f in r["files"]]
-    skipped = {k: sum(f[k] for f in files) for k in COUNTERS[1:]}
-    skipped["too_short"] = sum(r.get("too_short", 0) for r in records)
+    skipped = skip_counts(records)
     errors = sum(1 for f in files if f.get("error"))
-    why = ", ".join(f"{k} {n}" for k, n in skipped.items() if n) or "nothing skipped"
+    why = describe_skips(skipped) or "nothing skipped"
     message = f"source {source.name!r} yielded no document from {len(files)} file(s) ({why}"
     message += f"; {errors} unreadable)" if errors else ")"
     found = next((f["fields_found"] for f in files if f.get("fields_found")), None)
@@ -438,10 +448,10 @@ def finish_source(folder: Path, source: Source, plan: dict, records: list[dict],
         (folder / (shards.MANIFEST + ".tmp")).unlink(missing_ok=True)
         raise _writing_error(e, folder / shards.MANIFEST) from e
     shutil.rmtree(folder / WORK, ignore_errors=True)
-    skipped = {**{k: totals[k] for k in COUNTERS[1:]}, "too_short": sum(r.get("too_short", 0) for r in records)}
+    skipped = skip_counts(records)
     log.info("%s: %d train / %d val documents, %d skipped (%s); manifest %s", source.name,
              sum(r["documents"]["train"] for r in records), sum(r["documents"]["val"] for r in records),
-             sum(skipped.values()), ", ".join(f"{k} {n}" for k, n in skipped.items() if n) or "none",
+             sum(skipped.values()), describe_skips(skipped) or "none",
              folder / shards.MANIFEST)
     return folder
 
