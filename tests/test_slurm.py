@@ -120,14 +120,16 @@ def test_each_task_gets_the_cpus_and_environment_the_launcher_promises(slurm_clu
 
 def test_a_signal_while_the_job_starts_requeues_without_a_lightning_checkpoint(slurm_cluster, code_corpus,
                                                                             tmp_path):
-    """SIGUSR1 during start-up (here: the sanity check compiling the blocks) raises tinytrain's flag:
-    Lightning's own handler, which would save an hpc checkpoint from inside the signal handler, is
-    never installed, and the job stops before its first step, requeues and trains to the end."""
+    """SIGUSR1 during start-up (here: while the corpus is prepared, sent once the seed line shows
+    the command has started) raises tinytrain's flag: Lightning's own handler, which would save an
+    hpc checkpoint from inside the signal handler, is never installed, and the job stops before its
+    first step, requeues and trains to the end. (Building and sanity-checking this model take well
+    under a second, too short a window to aim a signal at.)"""
     job = sbatch(tmp_path, slurm_cluster, "--config", RECIPES / "ci.yaml", "--data.corpus", code_corpus,
                  "--data.val_fraction", "0.1", "--trainer.accelerator", "cpu", "--trainer.max_steps", "20",
                  "--trainer.num_sanity_val_steps", "2", "--model.compile", "true", tasks=1, cpus=2)
     wait_until(lambda: (tmp_path / f"slurm-tinytrain-{job}.out").exists()
-               and "model: 158,016 parameters" in job_log(tmp_path, job), 300, "the model to be built")
+               and "Seed set to" in job_log(tmp_path, job), 300, "the command to start")
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     wait_for_job(job)
     log = job_log(tmp_path, job)
