@@ -45,7 +45,7 @@ class StepClock(Callback):
         self.rows: list[tuple[int, float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from tinytrain.callbacks import Checkpointing
+        from tinytrain.run.checkpointing import Checkpointing
 
         busy = next(cb.busy_seconds for cb in trainer.callbacks if isinstance(cb, Checkpointing))
         self.rows.append((trainer.global_step, time.perf_counter(), busy))
@@ -59,7 +59,7 @@ def one_run(args, fit_args: list[str], async_save: bool, tmp: Path) -> dict:
     run = tmp / f"run-{'async' if async_save else 'sync'}-{time.monotonic_ns()}"
     clock = run.with_suffix(".json")
     never = str(10 * args.steps)
-    cmd = [sys.executable, "-m", "tinytrain.cli", "fit", "--config", str(Path(args.recipe).resolve()),
+    cmd = [sys.executable, "-m", "tinytrain", "fit", "--config", str(Path(args.recipe).resolve()),
            "--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", never,
            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(run),
            "--trainer.logger.init_args.save_dir", str(run), "--checkpoint.every_n_steps", str(args.every),

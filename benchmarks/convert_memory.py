@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import command, machine, write_result
-
-from tinytrain import hf
-from tinytrain.model import LlamaConfig
-from tinytrain.tokenizer import train_tokenizer
+from tinytrain.data.tokenizer import train_tokenizer
+from tinytrain.model.llama import LlamaConfig
+from tinytrain.store import hf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ _MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]
 
 def measured(*args) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "tinytrain.cli", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "tinytrain", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if proc.returncode:

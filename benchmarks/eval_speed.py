@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import command, machine, write_result
-from tinytrain import hf
-from tinytrain.corpus import list_corpus_files, read_documents, stdlib_dir
-from tinytrain.model import Llama, LlamaConfig
-from tinytrain.tokenizer import train_tokenizer
+from tinytrain.data.corpus import list_corpus_files, read_documents, stdlib_dir
+from tinytrain.data.tokenizer import train_tokenizer
+from tinytrain.model.llama import Llama, LlamaConfig
+from tinytrain.store import hf
 
 
 def make_folder(folder: Path, config: LlamaConfig, docs: list[str]) -> None:
@@ -70,8 +70,8 @@ def main(argv=None) -> dict:
 
     from lm_eval.models.huggingface import HFLM
 
-    from tinytrain.generate import load_checkpoint
-    from tinytrain.harness import TinyTrainLM
+    from tinytrain.eval.harness import TinyTrainLM
+    from tinytrain.store.checkpoint import load_checkpoint
 
     config = LlamaConfig.from_name(args.preset)
     docs = [text for _, text in read_documents(list_corpus_files(stdlib_dir()))]

@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         never = str(10 * args.steps)
-        cmd = [sys.executable, "-m", "tinytrain.cli", "fit", "--config", str(Path(args.recipe).resolve()),
+        cmd = [sys.executable, "-m", "tinytrain", "fit", "--config", str(Path(args.recipe).resolve()),
                *(["--data.path", str(Path(args.data).resolve())] if args.data else []),
                "--trainer.max_steps", str(args.steps), "--trainer.log_every_n_steps", "1",
                "--trainer.val_check_interval", never, "--trainer.num_sanity_val_steps", "0",

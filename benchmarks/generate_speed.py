@@ -16,8 +16,8 @@ import time
 import torch
 
 from benchmarks.common import command, machine, write_result
-from tinytrain.generate import generate
-from tinytrain.model import Llama, LlamaConfig
+from tinytrain.model.llama import Llama, LlamaConfig
+from tinytrain.model.sampling import generate
 
 
 def main(argv=None) -> dict:

@@ -29,7 +29,7 @@ case "${1:-}" in
     # This Python's standard library with an 8,000-piece BPE: 3.6M tokens, enough for 50 steps of
     # 16 x 2,048 tokens in one epoch (ids < 8,000 fit the 32,000-row embedding).
     corpus=${CORPUS:-$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")}
-    $PY -m tinytrain.cli prepare --corpus "$corpus" --out "$DATA" --vocab_size "${VOCAB:-8000}" ;;
+    $PY -m tinytrain prepare --corpus "$corpus" --out "$DATA" --vocab_size "${VOCAB:-8000}" ;;
   env)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"
     $PY - <<'EOF'
@@ -66,7 +66,7 @@ EOF
       --trainer.devices 1 --data.sources null --data.micro_batch_size "${MICRO_BATCH:-8}" \
       --data.global_batch_size "$(( ${MICRO_BATCH:-8} * ${ACCUM:-2} ))" ${2:-} ;;
   plan)
-    $PY -m tinytrain.cli plan --config "${RECIPE:-recipes/tinyllama-1.1b.yaml}" --world_size 1 \
+    $PY -m tinytrain plan --config "${RECIPE:-recipes/tinyllama-1.1b.yaml}" --world_size 1 \
       --data.micro_batch_size "${MICRO_BATCH:-8}" --data.global_batch_size "$(( ${MICRO_BATCH:-8} * ${ACCUM:-2} ))" \
       --measure | tee "$RESULTS/plan-$TAG.txt" ;;
   *)

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import command, machine, write_result
-
-from tinytrain import shards
-from tinytrain.order import Blocks, SampleOrder, TrainSteps
+from tinytrain.data import shards
+from tinytrain.data.order import Blocks, SampleOrder, TrainSteps
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,9 +30,9 @@ import torch
 
 from benchmarks.common import command, machine, write_result
 from benchmarks.throughput import Runner, add_switches
-from tinytrain.data import TokenData
-from tinytrain.order import ValBatches
-from tinytrain.model import Llama, LlamaConfig
+from tinytrain.data.datamodule import TokenData
+from tinytrain.data.order import ValBatches
+from tinytrain.model.llama import Llama, LlamaConfig
 
 
 def train(name: str, args, weights: dict, batches: list[torch.Tensor], val: list[torch.Tensor]) -> dict:

@@ -6,7 +6,7 @@ it (Llama-2's size), or ``--tokenizer``. Each round, in rotating order:
 
 - raw: ``SentencePieceProcessor.encode(text)`` over every document, one thread, texts already in
   memory (the ceiling of one core);
-- pipeline with 1 worker and with ``--workers`` workers: `tinytrain.prep.prepare` end to end
+- pipeline with 1 worker and with ``--workers`` workers: `tinytrain.data.prep.prepare` end to end
   (read + decompress + parse + tokenize + write shards + checksums + manifest) into a new folder.
 
 Writes JSON with medians, the pipeline/raw ratio per core, the scaling from 1 to N workers, and
@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import command, machine, write_result
-
-from tinytrain.corpus import list_corpus_files, read_documents, stdlib_dir
-from tinytrain.prep import PrepSpec, Source, prepare
-from tinytrain.tokenizer import Tokenizer, train_tokenizer
+from tinytrain.data.corpus import list_corpus_files, read_documents, stdlib_dir
+from tinytrain.data.prep import PrepSpec, Source, prepare
+from tinytrain.data.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

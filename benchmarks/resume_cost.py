@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import command, machine, write_result
-
-from tinytrain.checkpoint import STATE, point_last
+from tinytrain.store.checkpoint import STATE, point_last
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ FAR = 1_000_000
 def fit(cwd: Path, args: list, env: dict) -> dict:
     """Run `tinytrain fit`, timestamping its log lines; seconds to restore and to exit."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "fit", *map(str, args)], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain", "fit", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marks, tail = {}, []
     for line in proc.stderr:
@@ -82,7 +81,7 @@ def data_path_seconds(recipe: Path, corpus: str | None, env: dict, steps: list[i
     """Seconds to build the loader at each step and read its first batch (in a fresh process)."""
     code = """
 import json, sys, time, yaml
-from tinytrain.data import TokenData
+from tinytrain.data.datamodule import TokenData
 recipe = yaml.safe_load(open(sys.argv[1]))
 data = {k: v for k, v in recipe["data"].items() if k not in ("corpus", "num_workers")}
 dm = TokenData(vocab_size=recipe["model"]["config"]["vocab_size"], corpus=sys.argv[2] or None, num_workers=0, **data)

@@ -10,7 +10,7 @@ bf16 peaks; on CPU a measured matmul peak), peak memory, the switches, and the v
     python -m benchmarks.throughput --preset tiny --micro_batch 8 --seq 256          # CPU
 
 Each switch is the recipe's switch of the same name (see README, Performance). The step is the
-trainer's own (tinytrain.step.train_step). The timed step is --accum micro-batches and one
+trainer's own (tinytrain.train.step.train_step). The timed step is --accum micro-batches and one
 optimizer step; each micro-batch and the optimizer are timed apart too (CUDA events, read after
 the step: no synchronisation between the parts), so `tokens_per_s_at_accum` gives the rate at the
 recipe's accumulation (1024 sequences / micro batch on one GPU) without running minute-long steps.
@@ -29,13 +29,13 @@ import time
 import torch
 
 from benchmarks.common import command, machine, write_result
-from tinytrain import parallel
-from tinytrain.attention import BACKENDS
-from tinytrain.flops import measured_cpu_peak, peak_flops
-from tinytrain.model import Llama, LlamaConfig
-from tinytrain.optim import OptimConfig, adamw
-from tinytrain.order import transit_dtype
-from tinytrain.step import StepTimer, train_step
+from tinytrain.data.order import transit_dtype
+from tinytrain.model.attention import BACKENDS
+from tinytrain.model.llama import Llama, LlamaConfig
+from tinytrain.train import parallel
+from tinytrain.train.flops import measured_cpu_peak, peak_flops
+from tinytrain.train.optim import OptimConfig, adamw
+from tinytrain.train.step import StepTimer, train_step
 
 TINYLLAMA_GLOBAL_BATCH = 1024  # sequences per optimizer step in recipes/tinyllama-1.1b.yaml
 
@@ -113,7 +113,7 @@ class Runner:
 
     def step(self, batch: torch.Tensor, timed: bool = False) -> tuple[float, list[float], float]:
         """One optimizer step over batch (accum, micro, seq + 1), by the training step the trainer
-        runs (tinytrain.step.train_step). Returns the mean loss, and with ``timed`` each
+        runs (tinytrain.train.step.train_step). Returns the mean loss, and with ``timed`` each
         micro-batch's forward + backward time and the optimizer's time, from timestamps recorded
         as the work is queued (CUDA events), read once after the step."""
         timer = StepTimer(self.device) if timed else None

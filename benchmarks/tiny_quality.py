@@ -26,9 +26,9 @@ import zlib
 from pathlib import Path
 
 from benchmarks.common import command, machine, split_at_dashes, write_result
-from tinytrain.corpus import list_corpus_files, read_documents, stdlib_dir
-from tinytrain.evaluate import bits_per_byte
-from tinytrain.prep import is_validation
+from tinytrain.data.corpus import list_corpus_files, read_documents, stdlib_dir
+from tinytrain.data.prep import is_validation
+from tinytrain.eval.tasks import bits_per_byte
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = re.compile(r"step (\d+): val/loss ([0-9.]+) .*?, ([0-9.]+) bits per byte")
@@ -53,7 +53,7 @@ def train(recipe: Path, work: Path, extra: list[str]) -> tuple[float, list[dict]
     """Wall seconds of `tinytrain fit` from a cold cache, and (seconds, step, val loss, bpb) of each validation."""
     env = {**os.environ, "TINYTRAIN_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tinytrain.cli", "fit", "--config", str(recipe), *extra], cwd=work,
+    proc = subprocess.Popen([sys.executable, "-m", "tinytrain", "fit", "--config", str(recipe), *extra], cwd=work,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     timeline, tail = [], []
     for line in proc.stderr:
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from tinytrain.generate import load_checkpoint
+    from tinytrain.store.checkpoint import load_checkpoint
 
     corpus = Path(args.corpus) if args.corpus else stdlib_dir()
     texts = held_out_texts(corpus, args.val_fraction)

@@ -18,8 +18,8 @@ import time
 import torch
 
 from benchmarks.common import command, machine, write_result
-from tinytrain import parallel
-from tinytrain.model import Llama, LlamaConfig
+from tinytrain.model.llama import Llama, LlamaConfig
+from tinytrain.train import parallel
 
 
 def hf_model(config: LlamaConfig, ours: Llama):

@@ -4,7 +4,7 @@
 #
 # It runs in the job's working folder (sbatch's: the folder it was called from), where runs/ goes.
 # Environment:
-#   TINYTRAIN       the command (default: tinytrain; e.g. "/path/to/venv/bin/python -m tinytrain.cli")
+#   TINYTRAIN       the command (default: tinytrain; e.g. "/path/to/venv/bin/python -m tinytrain")
 #   MASTER_ADDR     rendezvous host (default: the first node of the job)
 set -euo pipefail
 nodes=${SLURM_JOB_NUM_NODES:-1}

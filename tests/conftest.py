@@ -52,9 +52,19 @@ def code_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, code_corpus) -> Path:
     """The code corpus prepared with a 512-piece tokenizer (a session-wide, read-only folder)."""
-    from tinytrain.corpus import prepare_text_folder
+    from tinytrain.data.corpus import prepare_text_folder
 
     return prepare_text_folder(code_corpus, tmp_path_factory.mktemp("prepared") / "code-512", 512, val_fraction=0.1)
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory, code_corpus):
+    """The ci recipe as it is: 40 steps, checkpoints at 20 and 40, on the code corpus; (working folder,
+    run folder, the finished process). Shared by every test that only reads a trained run: tests that
+    change it copy it first."""
+    cwd = tmp_path_factory.mktemp("ci-run")
+    proc = run_tinytrain(*ci_args(code_corpus), cwd=cwd)
+    return cwd, cwd / "runs" / "ci", proc
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +133,7 @@ def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 60
     """Run the real `tinytrain` command in a subprocess; return the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TINYTRAIN_CACHE": str(cwd / "cache"),
                 "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "tinytrain.cli", *map(str, args)], cwd=cwd, env=full_env,
+    proc = subprocess.run([sys.executable, "-m", "tinytrain", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"tinytrain {' '.join(map(str, args))} failed ({proc.returncode}):\n"
@@ -134,3 +144,11 @@ def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 60
 def ci_args(corpus: Path, *extra) -> list:
     """`fit` on the ci recipe, reading the given corpus."""
     return ["fit", "--config", RECIPES / "ci.yaml", "--data.corpus", corpus, "--data.val_fraction", "0.1", *extra]
+
+
+def one_line(proc, command: str) -> str:
+    """The one-line error a failed command printed last (`tinytrain <command>: error: ...`), with no traceback."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tinytrain {command}: error: "), line
+    return line

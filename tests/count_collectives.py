@@ -83,6 +83,6 @@ class PerStep(Callback):
 
 
 if __name__ == "__main__":
-    from tinytrain.cli import main
+    from tinytrain.commands.main import main
 
     main(sys.argv[2:])

@@ -1,0 +1,1 @@
+"""The command line: the `tinytrain` dispatcher and one module per command."""

@@ -1,0 +1,93 @@
+"""`tinytrain evaluate`: downstream tasks, bits per byte and passkey retrieval of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tinytrain.eval.tasks import (
+    bits_per_byte,
+    format_table,
+    read_texts,
+    resolve_tasks,
+    rows,
+    run_tasks,
+    task_manager,
+    tinyllama_average,
+)
+
+
+def main(argv: list[str]) -> None:
+    from tinytrain.errors import argument_parser
+
+    parser = argument_parser(prog="tinytrain evaluate", description="Downstream tasks (lm-evaluation-harness) and "
+                             "bits per byte of a checkpoint or a Hugging Face Llama folder.")
+    parser.add_argument("checkpoint", help="a run folder, its 'last', a step folder, or a HF Llama folder")
+    parser.add_argument("--tasks", default=None, help="comma-separated task or group names, e.g. tinyllama,arc_easy")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    parser.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction of them)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--include_path", action="append", default=[], help="a folder of your own task YAMLs")
+    parser.add_argument("--text", nargs="+", default=None, help="text files: bits per byte of each, one document each")
+    parser.add_argument("--passkey", default=None, help="prompt lengths for passkey retrieval, e.g. 2048,4096,8192")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="where the passkey sits in the filler (0 to 1)")
+    parser.add_argument("--trials", type=int, default=5, help="passkeys per length and depth")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if not args.tasks and not args.text and not args.passkey:
+        parser.error("give --tasks, --text or --passkey (or several)")
+    try:
+        lengths = [int(n) for n in args.passkey.split(",")] if args.passkey else []
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        parser.error(f"--passkey takes integers and --depths numbers, comma-separated; got {args.passkey!r}, "
+                     f"{args.depths!r}")
+    if any(n < 1 for n in lengths) or any(not 0 <= d <= 1 for d in depths) or args.trials < 1:
+        parser.error("--passkey lengths must be >= 1, --depths in [0, 1], --trials >= 1")
+    for name, value, low in (("--num_fewshot", args.num_fewshot, 0), ("--batch_size", args.batch_size, 1)):
+        if value is not None and value < low:
+            parser.error(f"{name} must be >= {low}, got {value}")
+    if args.limit is not None and not args.limit > 0:
+        parser.error(f"--limit must be > 0, got {args.limit}")
+
+    from tinytrain.store.checkpoint import load_checkpoint, load_pretrained
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    manager = task_manager(args.include_path) if tasks else None
+    if tasks:
+        resolve_tasks(tasks, manager)
+    texts = read_texts(args.text or [])  # before any model is loaded: a bad file fails at once
+    source = load_pretrained(args.checkpoint, need_tokenizer=True)
+    model, tok = load_checkpoint(args.checkpoint, device=args.device)
+    meta = source.meta()
+    report = {"checkpoint": str(source.folder), "kind": source.kind, "step": meta.get("step"), "tokens": meta.get("tokens"),
+              "parameters": source.config.num_params()}
+    if args.text:
+        report["text"] = {"files": args.text, **bits_per_byte(model, tok, texts, args.batch_size)}
+        t = report["text"]
+        print(f"{t['documents']} documents, {t['bytes']:,} bytes, {t['tokens']:,} tokens: "
+              f"{t['bits_per_byte']:.4f} bits per byte, {t['nats_per_token']:.4f} nats per token")
+    if lengths:
+        from tinytrain.eval.passkey import passkey_accuracy
+
+        report["passkey"] = passkey_accuracy(model, tok, lengths, depths, args.trials)
+        print("passkey retrieval: " + ", ".join(f"{n} tokens {a:.0%}" for n, a in report["passkey"]["accuracy"].items()))
+    if tasks:
+        from tinytrain.eval.harness import TinyTrainLM
+
+        started = time.perf_counter()
+        results = run_tasks(TinyTrainLM(model, tok, args.batch_size), tasks, manager, args.num_fewshot, args.limit)
+        table = rows(results)
+        report.update(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, seconds=round(time.perf_counter() -
+                      started, 1), results=table, tinyllama_average=tinyllama_average(table),
+                      versions=results.get("versions", {}), n_shot=results.get("n-shot", {}))
+        print(format_table(table))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(out)

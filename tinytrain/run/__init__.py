@@ -1,0 +1,2 @@
+"""A run's life around the steps: publishing checkpoints (synchronous or in the background), the run
+lock, and preemption signals."""

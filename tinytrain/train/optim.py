@@ -1,0 +1,108 @@
+"""AdamW and its learning-rate schedule: a pure function of the optimizer step.
+
+Schedules (all after a linear warmup from 0):
+  cosine    cosine from lr down to min_lr at decay_steps, then min_lr (TinyLlama's)
+  wsd       warmup-stable-decay: lr until the cooldown, then down to min_lr at decay_steps over
+            cooldown_steps (or cooldown_fraction of the run), shaped linear, 1-sqrt or cosine
+  constant  lr for ever
+A WSD run whose end is not known sets decay_steps far ahead; a cooldown branch (a new run started
+with `--checkpoint.branch_from` a checkpoint of it) sets decay_steps = that step + its length and
+cooldown_steps = its length: the branch's first step has the stable learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tinytrain.errors import ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warmup, then cosine, warmup-stable-decay or constant)."""
+
+    lr: float = 4e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 4e-5
+    """Learning rate at decay_steps and after."""
+    warmup_steps: int = 2000
+    """Optimizer steps of linear warmup from 0."""
+    decay_steps: int = 1_430_512
+    """Step at which the decay reaches min_lr (cosine and wsd)."""
+    schedule: str = "cosine"
+    """cosine, wsd (warmup-stable-decay) or constant."""
+    cooldown_steps: Optional[int] = None
+    """wsd: steps of the final decay, ending at decay_steps; None: cooldown_fraction of the run after warmup."""
+    cooldown_fraction: float = 0.2
+    """wsd: the cooldown's share of the steps from the end of warmup to decay_steps, when cooldown_steps is None."""
+    cooldown_shape: str = "1-sqrt"
+    """wsd: linear, 1-sqrt (lr x (1 - sqrt(t))) or cosine, t going from 0 to 1 over the cooldown."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings, not to norm weights."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: Optional[bool] = None
+    """Use the fused AdamW kernel; None lets PyTorch choose."""
+
+    def __post_init__(self) -> None:
+        problems = [f"{key} must be >= 0, got {getattr(self, key)}" for key in
+                    ("lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip") if getattr(self, key) < 0]
+        if self.warmup_steps > self.decay_steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) must not exceed decay_steps ({self.decay_steps}): the "
+                            "learning rate would jump from the warmup's peak to min_lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            problems.append(f"eps must be > 0, got {self.eps}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.cooldown_shape not in COOLDOWN_SHAPES:
+            problems.append(f"cooldown_shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {self.cooldown_shape!r}")
+        if not 0 < self.cooldown_fraction <= 1:
+            problems.append(f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
+        if self.cooldown_steps is not None and not 0 < self.cooldown_steps <= self.decay_steps - self.warmup_steps:
+            problems.append(f"cooldown_steps must be in [1, decay_steps - warmup_steps = "
+                            f"{self.decay_steps - self.warmup_steps}], got {self.cooldown_steps}")
+        if problems:
+            raise ConfigError("; ".join(f"model.optim.{p}" for p in problems))
+
+    @property
+    def cooldown_length(self) -> int:
+        """wsd: the steps of the final decay."""
+        return self.cooldown_steps or max(1, round(self.cooldown_fraction * (self.decay_steps - self.warmup_steps)))
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        if step >= self.decay_steps:
+            return self.min_lr
+        if self.schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
+            return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
+        start = self.decay_steps - self.cooldown_length
+        if step < start:
+            return self.lr
+        t = (step - start) / self.cooldown_length
+        left = {"linear": 1 - t, "1-sqrt": 1 - math.sqrt(t), "cosine": 0.5 * (1 + math.cos(math.pi * t))}
+        return self.min_lr + left[self.cooldown_shape] * (self.lr - self.min_lr)
+
+
+def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on norm weights."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
