@@ -13,10 +13,15 @@ it is a pure function of the step, so resume stays exact.
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 from torch import nn
 
-from tinytrain.store.layout import ema_buffer_name
+from tinytrain.store.layout import EMA_PREFIX, MODEL_PREFIX, ema_buffer_name
+
+log = logging.getLogger(__name__)
 
 
 class WeightAverage(nn.Module):
@@ -42,3 +47,21 @@ class WeightAverage(nn.Module):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def match_saved_average(state: Optional[dict], model: Optional[nn.Module]) -> None:
+    """Fit a checkpoint's state (a full one; None when sharded, which the strategy reads into the
+    module itself) to whether this run keeps an average (``model`` given) or not: a checkpoint saved
+    without one starts the average at the resumed weights; one saved with it, resumed without, drops
+    it. Each is said in the log."""
+    if state is None:
+        return
+    saved = [k for k in state if k.startswith(EMA_PREFIX)]
+    if model is None and saved:
+        log.info("the checkpoint holds a weight average; model.ema_decay is not set, so it is dropped")
+        for k in saved:
+            del state[k]
+    elif model is not None and not saved:
+        log.info("the checkpoint holds no weight average: model.ema_decay starts it at the resumed weights")
+        for name in dict(model.named_parameters()):
+            state[EMA_PREFIX + ema_buffer_name(name)] = state[MODEL_PREFIX + name].clone()

@@ -11,7 +11,6 @@ is a pure function of the step (nothing to restore on resume).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 from typing import Optional
@@ -23,10 +22,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from tinytrain.data.datamodule import DataSpec
 from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.lightning_private import should_log
-from tinytrain.model.llama import Llama, LlamaConfig, with_tied_head
-from tinytrain.store.layout import MODEL_PREFIX
+from tinytrain.model.llama import Llama, LlamaConfig
 from tinytrain.store.rollbacks import Rollback
 from tinytrain.train import parallel
+from tinytrain.train.ema import match_saved_average
 from tinytrain.train.metrics import (
     GRAD_NORM,
     LR,
@@ -35,14 +34,12 @@ from tinytrain.train.metrics import (
     SPIKES_SKIPPED,
     TOKENS,
     TRAIN_LOSS,
-    VAL_BPB,
-    VAL_LOSS,
-    VAL_PPL,
 )
 from tinytrain.train.monitor import Throughput
 from tinytrain.train.optim import OptimConfig, adamw
 from tinytrain.train.spikes import RollbackRequest, SpikeConfig, SpikeGuard
 from tinytrain.train.step import train_step
+from tinytrain.train.validation import ValidationPass, token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +118,7 @@ class LitLlama(L.LightningModule):
         self.model: Optional[Llama] = None
         self.ema = None  # tinytrain.train.ema.WeightAverage when ema_decay is set
         self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for val/bpb
+        self._validation: Optional[ValidationPass] = None
         # What the model side knows of the data (sequence length, tokenizer, source names): read from
         # the datamodule once, in setup(); None without one (a bare validate of weights).
         self.data_spec: Optional[DataSpec] = None
@@ -176,15 +174,7 @@ class LitLlama(L.LightningModule):
         if source.config != self.config:  # only the context window: a context extension
             log.info("extending the context of %s: %s", self.init_from,
                      source.config.differences(self.config, "from", "to"))
-        weights = source.weights()
-        with torch.no_grad():
-            if parallel.is_fsdp(model):  # each rank keeps its shard of the full weights
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-                set_model_state_dict(model, with_tied_head(weights, self.config),
-                                     options=StateDictOptions(full_state_dict=True, strict=True))
-            else:
-                model.load_weights(weights)
+        parallel.load_full_weights(model, source.weights())
         log.info("initialised from %s", self.init_from)
 
     def setup(self, stage: str) -> None:
@@ -281,65 +271,18 @@ class LitLlama(L.LightningModule):
         return False
 
     def on_validation_epoch_start(self) -> None:
-        self._val_losses: dict[int, list[torch.Tensor]] = {}
-        self._val_nats_bytes: dict[int, torch.Tensor] = {}  # per source: summed nats, summed target bytes
-        self._val_by_position: dict[tuple[int, int], list[torch.Tensor]] = {}  # (first, last) position -> losses
-        if self._token_bytes is None:
-            spec = self.data_spec
-            if spec is not None and spec.tokenizer is not None:
-                from tinytrain.data.tokenizer import Tokenizer, byte_lengths
-
-                table = byte_lengths(Tokenizer(spec.tokenizer))
-                # Padded to the model's vocabulary, so any target id indexes it (no host check per batch);
-                # the data's ids are the tokenizer's, checked against the vocabulary at start-up.
-                size = max(self.config.vocab_size, table.numel())
-                self._token_bytes = torch.cat([table, table.new_zeros(size - table.numel())])
+        spec = self.data_spec
+        if self._token_bytes is None and spec is not None and spec.tokenizer is not None:
+            self._token_bytes = token_bytes(spec.tokenizer, self.config.vocab_size)
         if self._token_bytes is not None:
             self._token_bytes = self._token_bytes.to(self.device)
+        self._validation = ValidationPass(self._token_bytes, self.loss_by_position)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        # One dataloader per source of a mixture; dataloader_idx says which.
-        batch = batch.long()
-        targets = batch[:, 1:]
-        if self.loss_by_position:
-            per_token = self.model(batch[:, :-1], targets, per_token=True)  # (B, T)
-            loss = per_token.mean()
-            edges = torch.linspace(0, per_token.size(1), self.loss_by_position + 1).round().long().tolist()
-            for a, b in zip(edges, edges[1:]):
-                self._val_by_position.setdefault((a, b - 1), []).append(per_token[:, a:b].mean())
-        else:
-            loss = self.model(batch[:, :-1], targets).detach()
-        self._val_losses.setdefault(dataloader_idx, []).append(loss)
-        if self._token_bytes is not None:
-            # bits per byte: the loss over the UTF-8 bytes the targets stand for (tokenizer-independent)
-            sums = torch.stack([loss.double() * targets.numel(), self._token_bytes[targets].sum().double()])
-            self._val_nats_bytes[dataloader_idx] = self._val_nats_bytes.get(dataloader_idx, 0) + sums
+        self._validation.add(self.model, batch, dataloader_idx)  # one dataloader per source of a mixture
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_losses:
-            return
-        # Every rank reads the same number of equal-length batches, so means of means are exact.
-        # The values are then identical on every rank; sync_dist only tells Lightning so (no warning).
-        reduce = self.trainer.strategy.reduce
-        loss = reduce(torch.cat([torch.stack(v) for v in self._val_losses.values()]).mean(), reduce_op="mean")
-        self.log(VAL_LOSS, loss, prog_bar=True, sync_dist=True)
-        self.log(VAL_PPL, torch.exp(loss), sync_dist=True)
-        nats_bytes = {i: reduce(v, reduce_op="sum") for i, v in self._val_nats_bytes.items()}
-        if nats_bytes:
-            total = sum(nats_bytes.values())
-            self.log(VAL_BPB, float(total[0] / total[1] / math.log(2)), sync_dist=True)
-        width = len(str(max((last for _, last in self._val_by_position), default=0)))
-        for (first, last), losses in sorted(self._val_by_position.items()):
-            self.log(f"val/loss_by_position/{first:0{width}d}-{last:0{width}d}",
-                     reduce(torch.stack(losses).mean(), reduce_op="mean"), sync_dist=True)
-        spec = self.data_spec
-        names = spec.source_names if spec is not None else []
-        if len(self._val_losses) > 1 and len(names) == len(self._val_losses):
-            for idx, losses in sorted(self._val_losses.items()):
-                self.log(f"val/loss/{names[idx]}", reduce(torch.stack(losses).mean(), reduce_op="mean"), sync_dist=True)
-                if idx in nats_bytes:
-                    self.log(f"val/bpb/{names[idx]}", float(nats_bytes[idx][0] / nats_bytes[idx][1] / math.log(2)),
-                             sync_dist=True)
+        self._validation.log(self, list(self.data_spec.source_names) if self.data_spec is not None else [])
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -359,7 +302,7 @@ class LitLlama(L.LightningModule):
                 f"the checkpoint was trained on data tokenized with tokenizer sha256 {saved['tokenizer_sha256']}, but "
                 f"the data now given ({spec.tokenizer}) was made with sha256 {current}; resume with the original "
                 "data, or start a new run (--checkpoint.resume false, or --model.init_from)")
-        self._match_ema_state(checkpoint.get("state_dict"))
+        match_saved_average(checkpoint.get("state_dict"), self.model if self.ema is not None else None)
         if self.spike_guard is not None:
             self.spike_guard.load_state_dict(saved.get("spikes", {}))
             if self.pending_rollback is not None:
@@ -367,23 +310,6 @@ class LitLlama(L.LightningModule):
         if saved.get("model_config") is not None and LlamaConfig(**saved["model_config"]) != self.config:
             raise CheckpointError("the checkpoint was trained with a different model config; differing fields "
                                   + LlamaConfig(**saved["model_config"]).differences(self.config, "checkpoint", "recipe"))
-
-    def _match_ema_state(self, state: Optional[dict]) -> None:
-        """A checkpoint saved without an average, resumed with model.ema_decay, starts the average at
-        the resumed weights; one saved with it, resumed without, drops it (said in the log)."""
-        if state is None:  # sharded: read into the module's own state by the strategy
-            return
-        from tinytrain.store.layout import EMA_PREFIX, ema_buffer_name
-
-        saved = [k for k in state if k.startswith(EMA_PREFIX)]
-        if self.ema is None and saved:
-            log.info("the checkpoint holds a weight average; model.ema_decay is not set, so it is dropped")
-            for k in saved:
-                del state[k]
-        elif self.ema is not None and not saved:
-            log.info("the checkpoint holds no weight average: model.ema_decay starts it at the resumed weights")
-            for name in dict(self.model.named_parameters()):
-                state[EMA_PREFIX + ema_buffer_name(name)] = state[MODEL_PREFIX + name].clone()
 
     def checkpoint_meta(self) -> dict:
         """What meta.json records beside the usual: skipped steps and rollbacks."""

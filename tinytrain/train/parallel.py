@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tinytrain.errors import ConfigError, UnsupportedError
-from tinytrain.model.llama import Llama
+from tinytrain.model.llama import Llama, with_tied_head
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,18 @@ def apply_fsdp(model: Llama, mesh, param_dtype: Optional[torch.dtype] = None, ga
 
 def is_fsdp(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync")
+
+
+@torch.no_grad()
+def load_full_weights(model: Llama, weights: dict[str, torch.Tensor]) -> None:
+    """A full set of weights into ``model``; a sharded one keeps each rank's shard of them."""
+    if not is_fsdp(model):
+        model.load_weights(weights)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, with_tied_head(weights, model.config),
+                         options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 @contextlib.contextmanager
