@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from tinytrain.store.checkpoint import environment
+from tinytrain.store.provenance import environment
 
 
 def command(name: str, argv: Optional[list[str]] = None) -> str:

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.run import preemption
 from tinytrain.run.asyncsave import AsyncWriter
-from tinytrain.store.checkpoint import damage, environment, point_last, set_aside
+from tinytrain.store.checkpoint import damage, point_last, set_aside
 from tinytrain.store.fsutil import fsync_path, fsync_tree
 from tinytrain.store.layout import (
     CONFIG,
@@ -36,6 +36,7 @@ from tinytrain.store.layout import (
     step_folder,
     write_meta,
 )
+from tinytrain.store.provenance import environment
 from tinytrain.train.spikes import rollback_requested
 
 log = logging.getLogger(__name__)
