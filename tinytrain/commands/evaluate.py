@@ -32,6 +32,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--include_path", action="append", default=[], help="a folder of your own task YAMLs")
     parser.add_argument("--text", nargs="+", default=None, help="text files: bits per byte of each, one document each")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="--text is scored in a sliding window of the model's context moving on by this many "
+                             "tokens (default: a quarter of the window; the window itself: disjoint windows)")
     parser.add_argument("--passkey", default=None, help="prompt lengths for passkey retrieval, e.g. 2048,4096,8192")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="where the passkey sits in the filler (0 to 1)")
     parser.add_argument("--trials", type=int, default=5, help="passkeys per length and depth")
@@ -48,7 +51,8 @@ def main(argv: list[str]) -> None:
                      f"{args.depths!r}")
     if any(n < 1 for n in lengths) or any(not 0 <= d <= 1 for d in depths) or args.trials < 1:
         parser.error("--passkey lengths must be >= 1, --depths in [0, 1], --trials >= 1")
-    for name, value, low in (("--num_fewshot", args.num_fewshot, 0), ("--batch_size", args.batch_size, 1)):
+    for name, value, low in (("--num_fewshot", args.num_fewshot, 0), ("--batch_size", args.batch_size, 1),
+                             ("--stride", args.stride, 1)):
         if value is not None and value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
     if args.limit is not None and not args.limit > 0:
@@ -62,15 +66,19 @@ def main(argv: list[str]) -> None:
         resolve_tasks(tasks, manager)
     texts = read_texts(args.text or [])  # before any model is loaded: a bad file fails at once
     source = load_pretrained(args.checkpoint, need_tokenizer=True)
+    if args.stride is not None and args.stride > source.config.max_position_embeddings:
+        parser.error(f"--stride {args.stride} is longer than the model's context window "
+                     f"({source.config.max_position_embeddings} tokens)")
     model, tok = load_checkpoint(args.checkpoint, device=args.device)
     meta = source.meta()
     report = {"checkpoint": str(source.folder), "kind": source.kind, "step": meta.get("step"), "tokens": meta.get("tokens"),
               "parameters": source.config.num_params()}
     if args.text:
-        report["text"] = {"files": args.text, **bits_per_byte(model, tok, texts, args.batch_size)}
+        report["text"] = {"files": args.text, **bits_per_byte(model, tok, texts, args.batch_size, args.stride)}
         t = report["text"]
         print(f"{t['documents']} documents, {t['bytes']:,} bytes, {t['tokens']:,} tokens: "
-              f"{t['bits_per_byte']:.4f} bits per byte, {t['nats_per_token']:.4f} nats per token")
+              f"{t['bits_per_byte']:.4f} bits per byte, {t['nats_per_token']:.4f} nats per token "
+              f"(sliding window, stride {t['stride']})")
     if lengths:
         from tinytrain.eval.passkey import passkey_accuracy
 

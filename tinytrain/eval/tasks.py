@@ -131,32 +131,55 @@ def read_texts(names: list[str]) -> list[str]:
     return texts
 
 
-def bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], batch: int = 8) -> dict:
-    """Negative log-likelihood of every token of each text (one document each, BOS in front), in
-    windows of the model's context, and the same in bits per UTF-8 byte of the texts."""
+def scoring_windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
+    """How a document of ``n`` token ids is scored with a context of ``length`` tokens: windows
+    ``(start, end, first)`` whose inputs are ids[start:end] and which score the targets ids[first:end + 1]
+    (``first`` > start). Every target 1 .. n - 1 is scored exactly once. The first window scores all of
+    its targets; each next one moves on by ``stride`` targets and scores only those, so each is predicted
+    from at least ``length - stride`` tokens before it (all of them within the first window).
+    ``stride == length`` gives disjoint windows (but the last, which reaches back a whole window),
+    where a window's first target sees no context."""
+    if not 0 < stride <= length:
+        raise EvalError(f"the scoring stride must be in [1, {length}] (the context window), got {stride}")
+    windows, scored = [], 0  # targets 1 .. scored are done
+    while scored < n - 1:
+        last = min(n - 1, length if scored == 0 else scored + stride)  # the last target of this window
+        start = max(0, last - length)
+        windows.append((start, last, scored + 1))
+        scored = last
+    return windows
+
+
+def bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], batch: int = 8,
+                  stride: Optional[int] = None) -> dict:
+    """Negative log-likelihood of every token of each text (one document each, BOS in front), each
+    token predicted once with as much of what precedes it as a sliding window of the model's context
+    holds (see scoring_windows; ``stride`` defaults to a quarter of the window, so every token has at
+    least three quarters of a window before it), and the same in bits per UTF-8 byte of the texts."""
     device = next(model.parameters()).device
     length = model.config.max_position_embeddings
-    windows = []
+    stride = stride or max(1, length // 4)
+    rows = []  # (ids of the window, inputs and one more; index of its first scored target within it)
     for text in texts:
         ids = tokenizer.encode(text, bos=True)
-        for start in range(0, len(ids) - 1, length):  # each token predicted once, from the window it falls in
-            windows.append(ids[start:start + length + 1])
+        rows += [(ids[start:end + 1], first - start - 1) for start, end, first in scoring_windows(len(ids), length,
+                                                                                                 stride)]
     nll, tokens = 0.0, 0
-    for i in range(0, len(windows), batch):
-        chunk = windows[i:i + batch]
-        width = max(map(len, chunk))
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        width = max(len(w) for w, _ in chunk)
         idx = torch.full((len(chunk), width), tokenizer.eos_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
-        for row, m, w in zip(idx, mask, chunk):
+        for row, m, (w, skip) in zip(idx, mask, chunk):
             row[:len(w)] = torch.tensor(w)
-            m[:len(w) - 1] = True
+            m[skip:len(w) - 1] = True
         idx, mask = idx.to(device), mask.to(device)
         logits = model(idx[:, :-1]).float()
         losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
         nll += float(losses[mask.flatten()].sum())
         tokens += int(mask.sum())
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"documents": len(texts), "tokens": tokens, "bytes": nbytes, "nats_per_token": nll / max(tokens, 1),
-            "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+    return {"documents": len(texts), "tokens": tokens, "bytes": nbytes, "stride": stride,
+            "nats_per_token": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
 
 
