@@ -45,6 +45,18 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(process_group, prese
     assert predicted == pytest.approx(measured, rel=0.15)
 
 
+@pytest.mark.parametrize("precision,fsdp", [("32-true", False), ("bf16-mixed", True)])
+def test_muons_state_and_step_are_estimated_too(process_group, precision, fsdp):
+    """Muon keeps one momentum per hidden matrix (AdamW two moments for the rest) and, in its step,
+    the gathered whole of one matrix and its Newton-Schulz iterates: with sequences this short the
+    step is the peak, so this checks those parts."""
+    config = LlamaConfig.from_name("tiny", vocab_size=512)
+    setup = Setup(config, 8, 1, 1, 1, precision, fsdp, optimizer="muon")
+    e = estimate(setup)
+    assert e.phase == "optimizer step" and e.parts["Muon momentum"] > e.parts["AdamW state"]
+    assert e.peak == pytest.approx(measure(setup), rel=0.15)
+
+
 def _rank(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

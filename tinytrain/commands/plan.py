@@ -44,6 +44,7 @@ class Setup:
     activation_checkpointing: bool = False
     loss_chunk_size: int = 0
     fused_adamw: bool = False
+    optimizer: str = "adamw"  # or muon (model.optim.optimizer)
 
     @property
     def compute_bytes(self) -> int:
@@ -85,6 +86,18 @@ def _residual_bytes(regime: str) -> int:
     return 2 if regime == "half" else 4
 
 
+def _hidden_shapes(c: LlamaConfig) -> list[tuple[int, int]]:
+    """The shapes of the matrices Muon trains (tinytrain.train.muon.is_hidden_matrix)."""
+    from tinytrain.train.muon import is_hidden_matrix
+
+    return [tuple(shape) for name, shape in c.parameter_shapes().items()
+            if is_hidden_matrix(name, torch.empty(shape, device="meta"))]
+
+
+def _hidden_matrix_params(c: LlamaConfig) -> int:
+    return sum(rows * cols for rows, cols in _hidden_shapes(c))
+
+
 def _block_params(c: LlamaConfig) -> int:
     return (c.num_params(include_embedding=False) - c.vocab_size * c.hidden_size - c.hidden_size) // c.num_hidden_layers
 
@@ -110,6 +123,11 @@ def estimate(s: Setup) -> Estimate:
     weight_bytes = 2 if s.precision.endswith("true") and s.compute_bytes == 2 else 4
     tokens = s.micro_batch * s.seq_len
     parts = {"master weights": local * weight_bytes, "AdamW state": 2 * local * weight_bytes}
+    if s.optimizer == "muon":  # one momentum per hidden matrix, AdamW's two moments for the rest
+        hidden = _hidden_matrix_params(c)
+        local_hidden = math.ceil(hidden / s.world_size) if s.fsdp else hidden
+        parts["AdamW state"] = 2 * (local - local_hidden) * weight_bytes
+        parts["Muon momentum"] = local_hidden * weight_bytes
 
     # Activations of one micro-batch, and the loss: the peak is reached as backward starts at the
     # head, with every block's saved tensors still held (with activation checkpointing, only each
@@ -148,6 +166,14 @@ def estimate(s: Setup) -> Estimate:
     # The optimizer step: weights, state, gradients and for-each AdamW's temporary copy.
     step = {"master weights": parts["master weights"], "AdamW state": parts["AdamW state"],
             "gradients": local * weight_bytes, "optimizer temporaries": 0 if s.fused_adamw else local * weight_bytes}
+    if s.optimizer == "muon":
+        step["Muon momentum"] = parts["Muon momentum"]
+        rows, cols = max(_hidden_shapes(c), key=lambda shape: shape[0] * shape[1])
+        short = min(rows, cols)
+        # for-each AdamW's copy of the rest; Muon's largest matrix: its update and the gathered whole
+        # (fp32), the Newton-Schulz iterate, its next value and result (bf16), two small Gram matrices
+        step["optimizer temporaries"] = (0 if s.fused_adamw else (local - local_hidden) * weight_bytes) \
+            + 4 * rows * cols * 2 + 2 * rows * cols * 3 + 2 * short * short * 2
     if sum(step.values()) > est.peak:
         est = Estimate(s, step, "optimizer step")
     return est
@@ -235,7 +261,7 @@ def measure(s: Setup, steps: int = 2, device: Optional[torch.device] = None, mes
     from tinytrain.data.order import transit_dtype
     from tinytrain.model.llama import Llama
     from tinytrain.train import parallel
-    from tinytrain.train.optim import OptimConfig, adamw
+    from tinytrain.train.optim import OptimConfig, build_optimizer
     from tinytrain.train.step import train_step
 
     device = device or torch.device("cpu")
@@ -259,7 +285,8 @@ def measure(s: Setup, steps: int = 2, device: Optional[torch.device] = None, mes
             if s.precision.endswith("true") and half is not None:
                 model = model.to(half)
             parallel.prepare(model, switches, device)
-        optimizer = adamw(model, OptimConfig(lr=1e-4, warmup_steps=0, fused=s.fused_adamw))
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-4, warmup_steps=0, fused=s.fused_adamw,
+                                                       optimizer=s.optimizer))
         dtype = getattr(torch, transit_dtype(s.config.vocab_size).name)
         batch = torch.randint(0, s.config.vocab_size, (s.accumulation, s.micro_batch, s.seq_len + 1), dtype=dtype,
                               device=device)
@@ -291,7 +318,8 @@ def setup_from_recipe(argv: list[str], world_size: Optional[int]) -> tuple[Setup
     accum = grad_accumulation(data.global_batch_size, data.micro_batch_size, world_size)
     setup = Setup(LlamaConfig(**vars(model.config)), data.seq_len, data.micro_batch_size, accum, world_size,
                   str(trainer.precision), fsdp, getattr(init, "gather_once_per_step", True) if init else True,
-                  model.activation_checkpointing, model.loss_chunk_size, bool(model.optim.fused))
+                  model.activation_checkpointing, model.loss_chunk_size, bool(model.optim.fused),
+                  model.optim.optimizer)
     return setup, notes
 
 
@@ -302,7 +330,8 @@ def report(s: Setup, gpu_memory_gib: float, reserve_gib: float, notes: list[str]
              f"{s.accumulation} micro-batches per step on each of {s.world_size} process(es)",
              f"{s.precision}, {'FSDP2' if s.fsdp else 'one device per process, unsharded'}"
              + (", activation checkpointing" if s.activation_checkpointing else "")
-             + (f", chunked loss ({s.loss_chunk_size})" if s.loss_chunk_size else ""),
+             + (f", chunked loss ({s.loss_chunk_size})" if s.loss_chunk_size else "")
+             + (", Muon for the hidden matrices" if s.optimizer == "muon" else ""),
              "", f"per GPU at its peak ({e.phase}):"]
     width = max(len(k) for k in e.parts)
     lines += [f"  {k:<{width}}  {v / GIB:8.2f} GiB" for k, v in e.parts.items()]

@@ -36,7 +36,7 @@ from tinytrain.train.metrics import (
     TRAIN_LOSS,
 )
 from tinytrain.train.monitor import Throughput
-from tinytrain.train.optim import OptimConfig, adamw
+from tinytrain.train.optim import OptimConfig, build_optimizer
 from tinytrain.train.spikes import RollbackRequest, SpikeConfig, SpikeGuard
 from tinytrain.train.step import train_step
 from tinytrain.train.validation import ValidationPass, token_bytes
@@ -220,7 +220,7 @@ class LitLlama(L.LightningModule):
                 + (f" of {torch.cuda.device_count()} visible GPUs" if torch.cuda.is_available() else ""))
 
     def configure_optimizers(self):
-        return adamw(self.model, self.optim)
+        return build_optimizer(self.model, self.optim)
 
     # --- training -----------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""AdamW and its learning-rate schedule: a pure function of the optimizer step.
+"""The optimizers (AdamW; or Muon for the hidden matrices with AdamW for the rest) and the
+learning-rate schedule: a pure function of the optimizer step.
 
 Schedules (all after a linear warmup from 0):
   cosine    cosine from lr down to min_lr at decay_steps, then min_lr (TinyLlama's)
@@ -24,9 +25,14 @@ SCHEDULES = ("cosine", "wsd", "constant")
 COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
 
 
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (linear warmup, then cosine, warmup-stable-decay or constant)."""
+    """The optimizer (AdamW, or Muon with AdamW) and its learning-rate schedule (linear warmup, then
+    cosine, warmup-stable-decay or constant)."""
 
     lr: float = 4e-4
     """Peak learning rate, reached at the end of warmup."""
@@ -54,6 +60,20 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     fused: Optional[bool] = None
     """Use the fused AdamW kernel; None lets PyTorch choose."""
+    optimizer: str = "adamw"
+    """adamw (TinyLlama's), or muon: torch.optim.Muon for the blocks' matrices and AdamW (lr, betas,
+    weight_decay above) for the embedding, the output head and the norms."""
+    muon_lr: float = 0.02
+    """muon: Muon's peak learning rate; it follows the same schedule (muon_lr x lr_at(step) / lr)."""
+    muon_weight_decay: float = 0.0
+    """muon: decoupled weight decay of the matrices Muon trains."""
+    muon_momentum: float = 0.95
+    """muon: momentum (Nesterov) of Muon."""
+    muon_ns_steps: int = 5
+    """muon: Newton-Schulz iterations per orthogonalisation."""
+    muon_adjust_lr: str = "original"
+    """muon: how the learning rate scales with a matrix's shape: original (x sqrt(max(1, rows / cols)),
+    Keller Jordan's) or match_rms_adamw (x 0.2 sqrt(max(rows, cols)), Moonlight's: updates of AdamW's size)."""
 
     def __post_init__(self) -> None:
         problems = [f"{key} must be >= 0, got {getattr(self, key)}" for key in
@@ -74,6 +94,16 @@ class OptimConfig:
         if self.cooldown_steps is not None and not 0 < self.cooldown_steps <= self.decay_steps - self.warmup_steps:
             problems.append(f"cooldown_steps must be in [1, decay_steps - warmup_steps = "
                             f"{self.decay_steps - self.warmup_steps}], got {self.cooldown_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.muon_lr < 0 or self.muon_weight_decay < 0:
+            problems.append(f"muon_lr and muon_weight_decay must be >= 0, got {self.muon_lr}, {self.muon_weight_decay}")
+        if not 0 <= self.muon_momentum < 1:
+            problems.append(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 1 <= self.muon_ns_steps < 100:
+            problems.append(f"muon_ns_steps must be in [1, 99], got {self.muon_ns_steps}")
+        if self.muon_adjust_lr not in MUON_ADJUST_LR:
+            problems.append(f"muon_adjust_lr must be one of {', '.join(MUON_ADJUST_LR)}, got {self.muon_adjust_lr!r}")
         if problems:
             raise ConfigError("; ".join(f"model.optim.{p}" for p in problems))
 
@@ -100,9 +130,25 @@ class OptimConfig:
         return self.min_lr + left[self.cooldown_shape] * (self.lr - self.min_lr)
 
 
-def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings, none on norm weights."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+def adamw(model: torch.nn.Module, o: OptimConfig, params: Optional[list] = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on norm weights (of ``params``, by
+    default every parameter of ``model``)."""
+    params = list(model.parameters()) if params is None else params
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of a step: AdamW, or Muon for the hidden matrices with AdamW for the rest, as one
+    optimizer (see tinytrain.train.muon)."""
+    if o.optimizer == "adamw":
+        return adamw(model, o)
+    from tinytrain.train.muon import MuonAdamW, ShardedMuon, split_parameters
+
+    hidden, rest = split_parameters(model)
+    muon = ShardedMuon(hidden, lr=o.muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum,
+                       nesterov=True, ns_steps=o.muon_ns_steps,
+                       adjust_lr_fn=None if o.muon_adjust_lr == "original" else o.muon_adjust_lr)
+    return MuonAdamW(adamw(model, o, rest), muon, muon_lr_ratio=o.muon_lr / o.lr if o.lr > 0 else 0.0)

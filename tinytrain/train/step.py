@@ -63,13 +63,14 @@ def train_step(model: nn.Module, optimizer, batch: torch.Tensor, lr: float, grad
 
     ``backward`` defaults to ``Tensor.backward`` (Lightning passes its ``manual_backward``).
     ``accept(loss, grad_norm)`` returning False skips the update: the optimizer steps with no
-    gradients (AdamW leaves parameters and state alone), so the step still counts.
+    gradients (AdamW and Muon leave parameters and state alone), so the step still counts.
     Under FSDP2, gradients are reduced once, after the last micro-batch, and with several
     micro-batches each block's parameters are gathered once per step, not twice per micro-batch
     (see ``parallel.gathered_for_step``).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    ratios = getattr(optimizer, "lr_ratios", None)  # Muon's groups run at their own peak (see muon.py)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr * (ratios[i] if ratios is not None else 1.0)
     accum = batch.size(0)
     total = torch.zeros((), device=batch.device)
     if timer is not None:
