@@ -73,6 +73,10 @@ class LlamaConfig:
     factor is 1 inside it). None: off. No Hugging Face Llama has it."""
     logit_scaling_from_layer: int = 2
     """The first layer (from 0) whose queries are scaled; the paper leaves the first two alone."""
+    qk_norm: bool = False
+    """RMSNorm (with a weight, over the head's dimensions) on every head's queries and keys before
+    RoPE, as Qwen3 and Gemma 3 do: attention logits stay bounded at high learning rates. No Hugging
+    Face Llama has it, so `convert to-hf` refuses it."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,6 +136,7 @@ class LlamaConfig:
                 p + "self_attn.k_proj.weight": (self.num_key_value_heads * hd, d),
                 p + "self_attn.v_proj.weight": (self.num_key_value_heads * hd, d),
                 p + "self_attn.o_proj.weight": (d, self.num_attention_heads * hd),
+                **({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)} if self.qk_norm else {}),
                 p + "post_attention_layernorm.weight": (d,),
                 p + "mlp.gate_proj.weight": (i, d),
                 p + "mlp.up_proj.weight": (i, d),
@@ -226,6 +231,10 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.set_backend("auto")
 
     def set_backend(self, backend: str) -> None:
@@ -241,6 +250,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         # (B, T, heads, hd) -> (B, heads, T, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -296,6 +307,7 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.loss_chunk_size = 0  # > 0: chunked cross-entropy (set from outside, like the attention backend)
+        self.z_loss = 0.0  # > 0: the training loss adds z_loss x mean(logsumexp^2) (set from outside)
         # A token id that starts every document (BOS): tokens then attend only within their own
         # document; with document_positions, RoPE positions also restart at each document.
         self.document_boundary: Optional[int] = None
@@ -420,8 +432,9 @@ class Llama(nn.Module):
         return fn(self.norm(x), self.lm_head.weight, targets)
 
     def logits_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the logits x @ weight.T against targets: the part ``compile_loss`` compiles."""
-        return loss.logits_loss(x, weight, targets, self.loss_chunk_size)
+        """Mean cross-entropy of the logits x @ weight.T against targets, with the z-loss while training
+        (validation reports the cross-entropy alone): the part ``compile_loss`` compiles."""
+        return loss.logits_loss(x, weight, targets, self.loss_chunk_size, self.z_loss if self.training else 0.0)
 
     def new_kv_cache(self, batch: int, length: Optional[int] = None, dtype=None) -> KVCache:
         """An empty cache for decoding ``batch`` sequences of up to ``length`` tokens (default: the

@@ -1,4 +1,6 @@
-"""Next-token cross-entropy from the last hidden states: plain, or a chunk of tokens at a time."""
+"""Next-token cross-entropy from the last hidden states: plain, or a chunk of tokens at a time; with
+``z_loss`` > 0, plus z_loss x mean(log Z ** 2), log Z the log-partition (logsumexp) of each token's
+logits (PaLM's auxiliary loss: it keeps the output logits from drifting)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                z_loss: float = 0.0) -> torch.Tensor:
         n = hidden.size(0)
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
             hidden.device.type) else hidden.dtype
@@ -29,6 +32,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
             probs = torch.exp(logits - lse[:, None])
+            if z_loss:
+                total += z_loss * (lse ** 2).sum()
+                probs *= 1.0 + 2.0 * z_loss * lse[:, None]  # d (z lse^2) / d logits = 2 z lse softmax
             probs[torch.arange(t_c.numel(), device=probs.device), t_c] -= 1.0
             probs /= n  # d mean-loss / d logits
             grad_hidden[start:start + chunk] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
@@ -39,17 +45,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
 
 
-def logits_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Mean cross-entropy of the logits x @ weight.T (x: (B, T, d)) against targets (B, T). With
-    ``chunk`` > 0, never holds fp32 logits for more than ``chunk`` tokens."""
+def logits_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
+                z_loss: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of the logits x @ weight.T (x: (B, T, d)) against targets (B, T), plus
+    ``z_loss`` x mean(logsumexp ** 2). With ``chunk`` > 0, never holds fp32 logits for more than
+    ``chunk`` tokens."""
     if chunk > 0:
         # (B, T, d) -> (B T, d): never materialises (B T, V) fp32 logits
-        return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), chunk)
-    logits = F.linear(x, weight)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), chunk, z_loss)
+    logits = F.linear(x, weight).flatten(0, 1).float()  # (B T, V)
+    loss = F.cross_entropy(logits, targets.flatten())
+    if z_loss:
+        loss = loss + z_loss * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    return loss
 
 
 @torch.no_grad()

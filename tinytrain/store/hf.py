@@ -98,6 +98,10 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype, bos_id: int = 1, eos_i
             f"the model scales attention logits beyond position {config.logit_scaling_window} (entropy-aware ABF, "
             "model.config.logit_scaling_window); no Hugging Face Llama computes that, so an export would be a "
             "different model: continue training without it to export, or use the tinytrain checkpoint")
+    if config.qk_norm:
+        raise HFFormatError(
+            "the model normalises each head's queries and keys (model.config.qk_norm); no Hugging Face Llama "
+            "computes that, so an export would be a different model: use the tinytrain checkpoint")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

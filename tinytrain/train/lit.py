@@ -62,6 +62,7 @@ class LitLlama(L.LightningModule):
         ema_decay: Optional[float] = None,
         spikes: SpikeConfig = SpikeConfig(),
         loss_by_position: int = 0,
+        z_loss: float = 0.0,
     ) -> None:
         """A Llama model trained on next-token prediction.
 
@@ -96,6 +97,9 @@ class LitLlama(L.LightningModule):
             loss_by_position: Validation also logs the loss in this many equal spans of positions,
                 `val/loss_by_position/<first>-<last>` (e.g. to see what a context extension did
                 beyond the old window). 0: off.
+            z_loss: Add z_loss x mean(log Z ** 2) to the training loss, log Z each token's logsumexp of
+                the logits (PaLM used 1e-4): keeps the output logits from drifting. train/loss then
+                includes it; validation reports the cross-entropy alone. 0: off.
         """
         super().__init__()
         if init_from == "???":
@@ -111,6 +115,9 @@ class LitLlama(L.LightningModule):
         if loss_by_position < 0:
             raise ConfigError(f"model.loss_by_position must be >= 0, got {loss_by_position}")
         self.loss_by_position = loss_by_position
+        if not z_loss >= 0:
+            raise ConfigError(f"model.z_loss must be >= 0, got {z_loss}")
+        self.z_loss = z_loss
         self.spike_guard = SpikeGuard(spikes) if spikes.enabled else None
         self.rollback_request: Optional[RollbackRequest] = None  # set when spikes call for one (`fit` acts on it)
         self.pending_rollback: Optional[Rollback] = None  # the rollback this run resumes from (set by `fit`)
@@ -155,6 +162,7 @@ class LitLlama(L.LightningModule):
                                    bos_id)
         if self.init_from:
             self._load_initial_weights(model)
+        model.z_loss = self.z_loss
         self.model = model
         if self.ema_decay is not None:
             from tinytrain.train.ema import WeightAverage
