@@ -137,7 +137,7 @@ def test_the_tinyllama_group_is_the_harness_suite():
     assert "tinyllama" in manager.all_groups
     import yaml
 
-    group = yaml.safe_load((ROOT / "tinytrain" / "eval_tasks" / "tinyllama.yaml").read_text())
+    group = yaml.safe_load((ROOT / "tinytrain" / "eval" / "groups" / "tinyllama.yaml").read_text())
     assert group["task"] == list(TINYLLAMA_SUITE)
     for task in group["task"]:  # the harness's own definitions, resolved without downloading their data
         entry = manager.task_index[task]
