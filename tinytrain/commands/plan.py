@@ -91,7 +91,7 @@ def _hidden_shapes(c: LlamaConfig) -> list[tuple[int, int]]:
     from tinytrain.train.muon import is_hidden_matrix
 
     return [tuple(shape) for name, shape in c.parameter_shapes().items()
-            if is_hidden_matrix(name, torch.empty(shape, device="meta"))]
+            if is_hidden_matrix(name, len(shape))]
 
 
 def _hidden_matrix_params(c: LlamaConfig) -> int:

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 
-def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+def is_hidden_matrix(name: str, ndim: int) -> bool:
     """The parameters Muon trains: every 2-D weight but the embedding and the output head."""
-    return p.ndim == 2 and not name.startswith(("embed_tokens.", "lm_head."))
+    return ndim == 2 and not name.startswith(("embed_tokens.", "lm_head."))
 
 
 def _shard_dim(p) -> int:
@@ -66,7 +66,7 @@ class ShardedMuon(torch.optim.Muon):
     def _orthogonalised(update, index: int, group: dict):
         """Newton-Schulz of the whole matrix ``update`` (a DTensor), computed on one rank of the
         shard group and returned as a DTensor laid out like ``update``."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import distribute_tensor
 
         mesh, placements = update.device_mesh, update.placements
         dim = _shard_dim(update)
@@ -82,16 +82,14 @@ class ShardedMuon(torch.optim.Muon):
             else:
                 result = torch.empty(whole.shape, dtype=torch.bfloat16, device=whole.device)
             dist.broadcast(result, group=pg, group_src=owner)
-        local = distribute_tensor(result, mesh, placements, src_data_rank=None)
-        assert isinstance(local, DTensor)
-        return local
+        return distribute_tensor(result, mesh, placements, src_data_rank=None)  # this rank's slice, no communication
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list, list]:
     """(hidden matrices for Muon, everything else for AdamW), in the model's order."""
     hidden, rest = [], []
     for name, p in model.named_parameters():
-        (hidden if is_hidden_matrix(name, p) else rest).append(p)
+        (hidden if is_hidden_matrix(name, p.ndim) else rest).append(p)
     return hidden, rest
 
 
