@@ -15,7 +15,8 @@ from conftest import RECIPES, ROOT, train_losses
 from tinytrain.store.checkpoint import load_model_weights
 
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
-pytestmark = pytest.mark.slow
+# One SLURM cluster per machine (it writes /etc/slurm): every test that starts one runs on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def local_cluster(tmp_path_factory, *start_args: str):

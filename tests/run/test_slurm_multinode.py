@@ -17,7 +17,8 @@ from test_slurm import CLUSTER, job_log, local_cluster, wait_for_job, wait_until
 
 from tinytrain.store.checkpoint import load_model_weights
 
-pytestmark = pytest.mark.slow
+# One SLURM cluster per machine (it writes /etc/slurm): every test that starts one runs on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def no_test_network() -> bool:
