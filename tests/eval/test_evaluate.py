@@ -80,7 +80,7 @@ def evaluate(root, checkpoint, tasks, *extra):
     run_tinytrain("evaluate", root / checkpoint, "--tasks", "tt_choice,tt_gen,tt_text", "--include_path", tasks,
                   "--out", out, *extra, cwd=root)
     report = json.loads(out.read_text())
-    return report, {(r["task"], r["metric"]): r["value"] for r in report["results"]}
+    return report, {(r["task"], r["metric"]): r["value"] for r in report["rows"]}
 
 
 def test_a_trained_model_beats_chance_where_a_random_one_does_not(setting):
@@ -92,7 +92,22 @@ def test_a_trained_model_beats_chance_where_a_random_one_does_not(setting):
     assert trained[("tt_gen", "exact_match")] >= 0.5 and untrained[("tt_gen", "exact_match")] == 0
     assert trained[("tt_text", "bits_per_byte")] < 0.5 * untrained[("tt_text", "bits_per_byte")]
     assert report["step"] == 200 and report["tokens"] == 200 * 16 * 64 and report["num_fewshot"] is None
-    assert report["versions"]["tt_choice"] == 1.0 and set(report["n_shot"]) >= {"tt_choice", "tt_gen", "tt_text"}
+    assert report["versions"]["tt_choice"] == 1.0 and set(report["n-shot"]) >= {"tt_choice", "tt_gen", "tt_text"}
+    # lm-eval's own layout beside the rows: results -> task -> "metric,filter"
+    assert report["results"]["tt_choice"]["acc,none"] == trained[("tt_choice", "acc")]
+    assert report["higher_is_better"]["tt_choice"]["acc"] is True
+
+
+def test_proxy_tuning_through_the_harness_gives_the_tuned_model_when_steering_its_own_base(setting):
+    """random + (trained - random) is the trained model: the same metrics on every kind of task (choices,
+    generation with each model's own KV cache, perplexity)."""
+    root, tasks = setting
+    _, trained = evaluate(root, "runs/trained", tasks)
+    report, steered = evaluate(root, "runs/random", tasks, "--proxy_tuned", root / "runs/trained", "--proxy_base",
+                               root / "runs/random")
+    assert report["proxy"]["alpha"] == 1.0 and steered.keys() == trained.keys()
+    for key, value in trained.items():
+        assert abs(steered[key] - value) < 1e-4, (key, steered[key], value)
 
 
 def test_same_loglikelihoods_and_metrics_as_the_harness_hf_class_on_the_export(setting):

@@ -19,8 +19,11 @@ from tinytrain.eval.tasks import (
     tinyllama_average,
 )
 
+HARNESS_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
 
 def main(argv: list[str]) -> None:
+    from tinytrain.commands.generate import add_proxy_arguments, check_proxy_arguments
     from tinytrain.errors import argument_parser
 
     parser = argument_parser(prog="tinytrain evaluate", description="Downstream tasks (lm-evaluation-harness) and "
@@ -39,8 +42,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="where the passkey sits in the filler (0 to 1)")
     parser.add_argument("--trials", type=int, default=5, help="passkeys per length and depth")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (lm-eval's own 'results', "
+                        "'versions' and 'n-shot' beside tinytrain's 'rows')")
+    add_proxy_arguments(parser)
     args = parser.parse_args(argv)
+    check_proxy_arguments(parser, args)
     if not args.tasks and not args.text and not args.passkey:
         parser.error("give --tasks, --text or --passkey (or several)")
     try:
@@ -58,7 +64,7 @@ def main(argv: list[str]) -> None:
     if args.limit is not None and not args.limit > 0:
         parser.error(f"--limit must be > 0, got {args.limit}")
 
-    from tinytrain.store.checkpoint import load_checkpoint, load_pretrained
+    from tinytrain.store.checkpoint import load_checkpoint, load_pretrained, load_proxy_tuned
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     manager = task_manager(args.include_path) if tasks else None
@@ -69,10 +75,15 @@ def main(argv: list[str]) -> None:
     if args.stride is not None and args.stride > source.config.max_position_embeddings:
         parser.error(f"--stride {args.stride} is longer than the model's context window "
                      f"({source.config.max_position_embeddings} tokens)")
-    model, tok = load_checkpoint(args.checkpoint, device=args.device)
+    if args.proxy_tuned:
+        model, tok = load_proxy_tuned(args.checkpoint, args.proxy_tuned, args.proxy_base, args.proxy_alpha, args.device)
+    else:
+        model, tok = load_checkpoint(args.checkpoint, device=args.device)
     meta = source.meta()
     report = {"checkpoint": str(source.folder), "kind": source.kind, "step": meta.get("step"), "tokens": meta.get("tokens"),
               "parameters": source.config.num_params()}
+    if args.proxy_tuned:
+        report["proxy"] = {"tuned": args.proxy_tuned, "base": args.proxy_base, "alpha": args.proxy_alpha}
     if args.text:
         report["text"] = {"files": args.text, **bits_per_byte(model, tok, texts, args.batch_size, args.stride)}
         t = report["text"]
@@ -90,9 +101,11 @@ def main(argv: list[str]) -> None:
         started = time.perf_counter()
         results = run_tasks(TinyTrainLM(model, tok, args.batch_size), tasks, manager, args.num_fewshot, args.limit)
         table = rows(results)
+        # lm-eval's core outputs under its own keys (tools that read the harness's JSON read ours); "rows"
+        # flattens "results" to one row per task and metric.
         report.update(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, seconds=round(time.perf_counter() -
-                      started, 1), results=table, tinyllama_average=tinyllama_average(table),
-                      versions=results.get("versions", {}), n_shot=results.get("n-shot", {}))
+                      started, 1), rows=table, tinyllama_average=tinyllama_average(table))
+        report.update({key: results[key] for key in HARNESS_KEYS if key in results})
         print(format_table(table))
     if args.out:
         out = Path(args.out)

@@ -55,6 +55,22 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode(list(ids))
 
+    def difference(self, other: "Tokenizer") -> Optional[str]:
+        """None when ``other`` maps every id to the same piece (the same file, or the same vocabulary
+        serialized differently); otherwise what differs, naming both files."""
+        if self.sha256 == other.sha256:
+            return None
+        if self.vocab_size != other.vocab_size:
+            return f"{self.path} has {self.vocab_size} pieces, {other.path} {other.vocab_size}"
+        for i in range(self.vocab_size):
+            a, b = self.processor.id_to_piece(i), other.processor.id_to_piece(i)
+            if a != b:
+                return f"id {i} is {a!r} in {self.path} but {b!r} in {other.path}"
+        for name in ("bos_id", "eos_id", "unk_id"):
+            if getattr(self.processor, name)() != getattr(other.processor, name)():
+                return f"{name} differs between {self.path} and {other.path}"
+        return None
+
     def describe(self) -> dict:
         """What a manifest or a checkpoint records about this tokenizer."""
         return {"file": self.path.name, "sha256": self.sha256, "vocab_size": self.vocab_size,

@@ -299,3 +299,31 @@ def load_checkpoint(path, device="cpu") -> tuple[Llama, Tokenizer]:
     model.load_weights(source.weights(), assign=True)
     model.init_rope()
     return model.to(device).eval(), Tokenizer(source.tokenizer)
+
+
+def load_proxy_tuned(large, tuned, base, alpha: float = 1.0, device="cpu", prompt_tokens: Optional[int] = None):
+    """(ProxyTuned model, the large model's tokenizer): ``large`` steered by ``tuned`` - ``base``
+    (model/proxy.py). Each may be a tinytrain checkpoint or a Hugging Face Llama folder. Refused before
+    any weights are read: tokenizers whose pieces differ, and, given ``prompt_tokens``, a context window
+    that cannot hold the prompt and one new token."""
+    from tinytrain.model.proxy import ProxyTuned
+
+    roles = {"the large model": large, "--proxy_tuned": tuned, "--proxy_base": base}
+    sources = {role: load_pretrained(path, need_tokenizer=True) for role, path in roles.items()}
+    tokenizers = {role: Tokenizer(s.tokenizer) for role, s in sources.items()}
+    reference = tokenizers["the large model"]
+    for role, tok in tokenizers.items():
+        differs = reference.difference(tok)
+        if differs:
+            raise ConfigError(f"{role} does not share the large model's tokenizer ({differs}); proxy-tuning adds "
+                              "their logits id by id, so all three need one vocabulary")
+    for role, source in sources.items():
+        if source.config.vocab_size < reference.vocab_size:
+            raise ConfigError(f"{role} ({source.folder}) has {source.config.vocab_size} output rows, fewer than the "
+                              f"tokenizer's {reference.vocab_size} pieces")
+        window = source.config.max_position_embeddings
+        if prompt_tokens is not None and prompt_tokens >= window:
+            raise ConfigError(f"{role} ({source.folder}) reads at most {window} tokens: the prompt's {prompt_tokens} "
+                              "leave no room for a new one")
+    models = [load_checkpoint(path, device=device)[0] for path in roles.values()]
+    return ProxyTuned(*models, alpha=alpha).eval(), reference
