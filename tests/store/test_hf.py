@@ -111,6 +111,23 @@ def test_greedy_generation_matches_transformers(prepared, tmp_path):
     assert torch.equal(mine, theirs)
 
 
+def test_hugging_face_folders_steer_and_are_steered(prepared, tmp_path):
+    """Proxy-tuning with every model a HF folder, and mixed with a tinytrain checkpoint: steering a model
+    by its own difference from another gives that other model's greedy text, as transformers writes it."""
+    from tinytrain.store.checkpoint import load_proxy_tuned
+
+    make_hf_folder(tmp_path / "large", prepared, "gqa-8-2", seed=1)
+    tuned = make_hf_folder(tmp_path / "tuned", prepared, "mha", seed=2)
+    convert.from_hf(tmp_path / "large", tmp_path / "large-tt")
+    prompt = torch.randint(3, 512, (1, 9))
+    theirs = tuned.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            min_new_tokens=24)
+    for large in ("large", "large-tt"):
+        proxy, tok = load_proxy_tuned(tmp_path / large, tmp_path / "tuned", tmp_path / "large")
+        assert tok.vocab_size == 512
+        assert torch.equal(generate(proxy, prompt, 24, temperature=0.0, eos_id=None), theirs), large
+
+
 def test_tinyllama_1_1b_maps_every_key_and_shape_both_ways():
     config = LlamaConfig.from_name("tinyllama-1.1b")
     hf_config = transformers.LlamaConfig(**{k: v for k, v in hf.config_to_hf(config, torch.bfloat16).items()
