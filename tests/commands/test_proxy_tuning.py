@@ -31,7 +31,8 @@ def test_scoring_obeys_the_identity_and_records_the_proxies(ci_run, tmp_path):
     cwd, run, _ = ci_run
     early, late = run / "checkpoints" / step_folder(20), run / "checkpoints" / step_folder(40)
     held_out = tmp_path / "held_out.py"
-    held_out.write_text("".join(f"def sum_alpha_beta_{i}(alpha, beta):\n    return alpha + beta\n\n" for i in range(30)))
+    held_out.write_text("".join(f"def sum_alpha_beta_{i}(alpha, beta):\n    return alpha + beta\n\n"
+                                for i in range(30)))
 
     def score(*args):
         out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"

@@ -1,10 +1,13 @@
 """A real single-node SLURM cluster on localhost (slurm/local-cluster.sh), the project's sbatch
 script, 2 CPU tasks with FSDP2 over gloo, and preemption mid-run."""
 
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,8 +18,16 @@ from conftest import RECIPES, ROOT, train_losses
 from tinytrain.store.checkpoint import load_model_weights
 
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
-# One SLURM cluster per machine (it writes /etc/slurm): every test that starts one runs on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def one_cluster_at_a_time():
+    """A machine holds one local cluster (it writes /etc/slurm and runs the one slurmctld): tests that
+    start one take turns on this lock, whichever pytest worker (or pytest run) they are in."""
+    with open(Path(tempfile.gettempdir()) / "tinytrain-local-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def local_cluster(tmp_path_factory, *start_args: str):
@@ -27,14 +38,15 @@ def local_cluster(tmp_path_factory, *start_args: str):
         pytest.skip("the local SLURM cluster runs on Linux")
     state = tmp_path_factory.mktemp("slurm-state")
     env = {**os.environ, "TINYTRAIN_SLURM_DIR": str(state)}
-    start = subprocess.run(["bash", str(CLUSTER), "start", *start_args], env=env, capture_output=True, text=True,
-                           timeout=600)
-    if start.returncode == 3:
-        pytest.skip(start.stderr.strip())
-    assert start.returncode == 0, start.stderr
-    yield env, start.stderr
-    stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
-    assert stop.returncode == 0, stop.stderr
+    with one_cluster_at_a_time():
+        start = subprocess.run(["bash", str(CLUSTER), "start", *start_args], env=env, capture_output=True, text=True,
+                               timeout=600)
+        if start.returncode == 3:
+            pytest.skip(start.stderr.strip())
+        assert start.returncode == 0, start.stderr
+        yield env, start.stderr
+        stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
 
 
 @pytest.fixture(scope="module")

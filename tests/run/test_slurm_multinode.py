@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RECIPES, ROOT, train_losses
-from test_slurm import CLUSTER, job_log, local_cluster, wait_for_job, wait_until
+from test_slurm import CLUSTER, job_log, local_cluster, one_cluster_at_a_time, wait_for_job, wait_until
 
 from tinytrain.store.checkpoint import load_model_weights
 
-# One SLURM cluster per machine (it writes /etc/slurm): every test that starts one runs on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 
 
 def no_test_network() -> bool:
@@ -32,17 +31,18 @@ def test_a_start_that_fails_undoes_itself(tmp_path_factory):
     and leaves no bridge, namespace or daemon behind. Runs before the cluster below starts."""
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("needs root on Linux")
-    if subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0:
-        pytest.skip("a SLURM controller is running")
     env = {**os.environ, "TINYTRAIN_SLURM_DIR": str(tmp_path_factory.mktemp("bad-start")),
            "TINYTRAIN_SLURM_NET": "10.300.1"}
-    start = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], env=env, capture_output=True, text=True,
-                           timeout=300)
-    if start.returncode == 3:
-        pytest.skip(start.stderr.strip())
-    assert start.returncode != 0 and "start failed: undoing it" in start.stderr, start.stderr
-    assert no_test_network()
-    assert subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode != 0
+    with one_cluster_at_a_time():
+        if subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0:
+            pytest.skip("a SLURM controller not started by these tests is running")
+        start = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], env=env, capture_output=True,
+                               text=True, timeout=300)
+        if start.returncode == 3:
+            pytest.skip(start.stderr.strip())
+        assert start.returncode != 0 and "start failed: undoing it" in start.stderr, start.stderr
+        assert no_test_network()
+        assert subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode != 0
 
 
 @pytest.fixture(scope="module")

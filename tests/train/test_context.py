@@ -243,7 +243,8 @@ def test_extension_lets_a_model_retrieve_a_passkey_beyond_its_old_window(tmp_pat
 
     def fit(name, *args):
         run_tinytrain("fit", "--config", RECIPES / "ci.yaml", *shape, "--trainer.default_root_dir", f"runs/{name}",
-                      "--trainer.logger.init_args.save_dir", f"runs/{name}", *args, cwd=tmp_path)
+                      "--trainer.logger.init_args.save_dir", f"runs/{name}", *args, cwd=tmp_path,
+                      timeout=1800)  # 600 steps: about 5 minutes on 2 cores alone, twice that beside another test
 
     def passkey(name, length):
         out = tmp_path / f"{name}-{length}.json"

@@ -7,8 +7,9 @@ import math
 
 def add_proxy_arguments(parser) -> None:
     """--proxy_tuned, --proxy_base and --proxy_alpha (generate and evaluate)."""
-    parser.add_argument("--proxy_tuned", default=None, help="proxy-tuning: a small tuned model (tinytrain or HF folder) "
-                        "whose difference from --proxy_base steers the checkpoint at every token")
+    parser.add_argument("--proxy_tuned", default=None,
+                        help="proxy-tuning: a small tuned model (tinytrain or HF folder) whose difference from "
+                        "--proxy_base steers the checkpoint at every token")
     parser.add_argument("--proxy_base", default=None, help="proxy-tuning: the small model before its tuning")
     parser.add_argument("--proxy_alpha", type=float, default=1.0,
                         help="proxy-tuning: logits(large) + ALPHA x (logits(tuned) - logits(base)) (default 1)")
