@@ -7,7 +7,7 @@ on B (`--model.init_from`): the large one "truly tuned", the small one the proxy
 standard-library files the preparation holds out) is scored in bits per byte by the large base, the
 truly tuned large model, the proxy-tuned large model (large base + tuned small - base small), and the
 two small ones; the gap closed is (base - proxy) / (base - truly tuned). Also timed: greedy generation
-by the large model alone and proxy-tuned (median tokens/s of a few runs). Writes JSON.
+by the large model alone and proxy-tuned (median tokens/s, the two timed in turn). Writes JSON.
 
     python -m benchmarks.proxy_tuning --out benchmarks/results/proxy_tuning-cpu2.json
     python -m benchmarks.proxy_tuning --scale test --out /tmp/proxy.json     # about two minutes: the test's
@@ -106,19 +106,21 @@ def fit(work: Path, name: str, data: Path, shape: tuple, scale: dict, steps: int
     return time.perf_counter() - start
 
 
-def generation_speed(model, tok, tokens: int, repeats: int = 3) -> float:
-    """Median tokens/s of greedy decoding ``tokens`` new tokens after a short prompt."""
+def generation_speeds(models: dict, tok, tokens: int, repeats: int = 5) -> dict[str, float]:
+    """Median tokens/s of greedy decoding ``tokens`` new tokens after a short prompt, for each model,
+    timed in turn within each repeat (side by side: the machine's load changes both alike)."""
     import torch
 
     from tinytrain.model.sampling import generate
 
     prompt = torch.tensor([tok.encode("def main(", bos=True)])
-    rates = []
+    rates: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = generate(model, prompt, tokens, temperature=0.0)
-        rates.append((out.size(1) - prompt.size(1)) / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, model in models.items():
+            start = time.perf_counter()
+            out = generate(model, prompt, tokens, temperature=0.0)
+            rates[name].append((out.size(1) - prompt.size(1)) / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main(argv=None) -> dict:
@@ -127,8 +129,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", choices=sorted(SCALES), default="laptop")
     parser.add_argument("--out", default="benchmarks/results/proxy_tuning.json")
     parser.add_argument("--keep", default=None, help="work in this (new) folder and keep its corpora and runs")
+    parser.add_argument("--speed_of", default=None, help="only time generation (large alone, proxy-tuned) with the "
+                        "runs of a folder an earlier --keep kept")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
+    if args.speed_of:
+        return speed_only(Path(args.speed_of), args, argv)
 
     import torch
 
@@ -155,16 +161,15 @@ def main(argv=None) -> dict:
         held_out = [text for path, text in read_documents(list_corpus_files(code))
                     if is_validation(path.relative_to(code).as_posix(), scale["val_fraction"])]
         runs = {name: work / "runs" / name for name in walls}
-        scores, speeds = {}, {}
+        scores = {}
         with torch.no_grad():
             for name, run in runs.items():
                 model, tokenizer = load_checkpoint(run)
                 scores[name] = bits_per_byte(model, tokenizer, held_out)["bits_per_byte"]
-                if name == "large-base":
-                    speeds["large alone"] = generation_speed(model, tokenizer, 200)
             proxy, tokenizer = load_proxy_tuned(runs["large-base"], runs["small-tuned"], runs["small-base"])
             scores["large-proxy-tuned"] = bits_per_byte(proxy, tokenizer, held_out)["bits_per_byte"]
-            speeds["proxy-tuned"] = generation_speed(proxy, tokenizer, 200)
+            speeds = generation_speeds({"large alone": load_checkpoint(runs["large-base"])[0], "proxy-tuned": proxy},
+                                       tokenizer, 200)
             gained = [(alpha, bits_per_byte(load_proxy_tuned(runs["large-base"], runs["small-tuned"],
                                                              runs["small-base"], alpha)[0], tokenizer,
                                             held_out)["bits_per_byte"]) for alpha in (0.5, 2.0)]
@@ -183,6 +188,25 @@ def main(argv=None) -> dict:
     }
     write_result(result, args.out)
     print(", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" bits per byte; gap closed {result['gap_closed']}")
+    return result
+
+
+def speed_only(work: Path, args, argv) -> dict:
+    """Generation speed alone, side by side, with the runs an earlier ``--keep`` left in ``work``."""
+    import torch
+
+    from tinytrain.store.checkpoint import load_checkpoint, load_proxy_tuned
+
+    runs = work / "runs"
+    with torch.no_grad():
+        proxy, tokenizer = load_proxy_tuned(runs / "large-base", runs / "small-tuned", runs / "small-base")
+        speeds = generation_speeds({"large alone": load_checkpoint(runs / "large-base")[0], "proxy-tuned": proxy},
+                                   tokenizer, 200)
+    result = {"benchmark": "proxy_tuning", "scale": args.scale, "speed_of": str(work),
+              "generation_tokens_per_s": speeds, "proxy_slowdown": speeds["large alone"] / speeds["proxy-tuned"],
+              "command": command("proxy_tuning", argv), "machine": machine()}
+    write_result(result, args.out)
+    print(", ".join(f"{k} {v:.1f} tokens/s" for k, v in speeds.items()))
     return result
 
 
