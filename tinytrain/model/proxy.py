@@ -41,15 +41,11 @@ class ProxyTuned(nn.Module):
         length = length or self.config.max_position_embeddings
         return tuple(m.new_kv_cache(batch, length, dtype) for m in self._models())
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, pos: int = 0, *,
-                cache: Optional[tuple[KVCache, ...]] = None) -> torch.Tensor:
-        """Combined logits (B, T, vocab) in fp32; with targets (B, T), their mean cross-entropy."""
+    def forward(self, idx: torch.Tensor, pos: int = 0, *, cache: Optional[tuple[KVCache, ...]] = None) -> torch.Tensor:
+        """Combined logits (B, T, vocab) in fp32."""
         models = self._models()
         caches = cache if cache is not None else (None,) * len(models)
         if len(caches) != len(models):
             raise ValueError(f"expected {len(models)} KV caches (one per model), got {len(caches)}")
         logits = [m(idx, pos=pos, cache=c)[..., :self.vocab].float() for m, c in zip(models, caches)]
-        out = logits[0] if len(logits) == 1 else logits[0] + self.alpha * (logits[1] - logits[2])
-        if targets is None:
-            return out
-        return nn.functional.cross_entropy(out.flatten(0, 1), targets.flatten())
+        return logits[0] if len(logits) == 1 else logits[0] + self.alpha * (logits[1] - logits[2])
