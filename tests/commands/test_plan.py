@@ -57,6 +57,18 @@ def test_muons_state_and_step_are_estimated_too(process_group, precision, fsdp):
     assert e.peak == pytest.approx(measure(setup), rel=0.15)
 
 
+@pytest.mark.parametrize("precision,fsdp", [("32-true", False), ("bf16-mixed", False), ("bf16-mixed", True)])
+def test_experts_are_counted_in_weights_and_activations(process_group, precision, fsdp):
+    """Each token keeps k experts' MLP tensors, its routed copies and the router's; the weights and
+    optimizer state count every expert."""
+    config = LlamaConfig.from_name("tiny", num_local_experts=4, num_experts_per_tok=2)
+    setup = Setup(config, 256, 8, 1, 1, precision, fsdp)
+    dense = estimate(Setup(LlamaConfig.from_name("tiny"), 256, 8, 1, 1, precision, fsdp))
+    e = estimate(setup)
+    assert e.parts["master weights"] == 4 * config.num_params() and e.parts["activations"] > dense.parts["activations"]
+    assert e.peak == pytest.approx(measure(setup), rel=0.15)
+
+
 def _rank(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -65,7 +65,8 @@ def _layer_bytes(c: LlamaConfig, regime: str) -> int:
     Saved: each RMSNorm's input (in fp32: under bf16 parameters the norm upcasts a copy) and its
     normalised output; the projections' input; q and k after RoPE, v, the attention output and its
     log-sum-exp (flash-style kernels keep no T x T scores); the MLP's gate, SiLU(gate), up and
-    their product. Under autocast each projection casts its fp32 input to bf16 separately."""
+    their product. Under autocast each projection casts its fp32 input to bf16 separately. With experts,
+    all of the MLP's once per chosen expert, and the routing's own."""
     d, kvd, i, h = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size, c.num_attention_heads
     if regime == "fp32":
         norms = 2 * (4 * d + 4 * d)          # input, normalised output
@@ -79,6 +80,10 @@ def _layer_bytes(c: LlamaConfig, regime: str) -> int:
         norms = 2 * (4 * d + 2 * d)          # fp32 copy of the input, bf16 output
         inputs = 2 * d + 2 * d
         attn, mlp = 2 * (2 * d + 2 * kvd), 2 * 4 * i
+    if c.moe:  # each token's k experts each keep a dense MLP's tensors; its k input and output copies
+        # (compute dtype), the router's fp32 logits, probabilities and choices, the sort's int64 indices
+        k, E = c.num_experts_per_tok, c.num_local_experts
+        mlp = k * mlp + 2 * k * d * (4 if regime == "fp32" else 2) + 4 * (3 * E + 3 * k) + 8 * 3 * k
     return norms + inputs + attn + mlp + 4 * h + 8  # + log-sum-exp, 2 x rstd
 
 
@@ -326,7 +331,10 @@ def setup_from_recipe(argv: list[str], world_size: Optional[int]) -> tuple[Setup
 def report(s: Setup, gpu_memory_gib: float, reserve_gib: float, notes: list[str]) -> str:
     e = estimate(s)
     c = s.config
-    lines = [f"model {c.num_params():,} parameters; {s.seq_len}-token sequences; micro batch {s.micro_batch} x "
+    experts = (f" ({c.num_active_params():,} active per token: {c.num_experts_per_tok} of {c.num_local_experts} "
+               "experts and the router)" if c.moe else "")
+    lines = [f"model {c.num_params():,} parameters{experts}; {s.seq_len}-token sequences; "
+             f"micro batch {s.micro_batch} x "
              f"{s.accumulation} micro-batches per step on each of {s.world_size} process(es)",
              f"{s.precision}, {'FSDP2' if s.fsdp else 'one device per process, unsharded'}"
              + (", activation checkpointing" if s.activation_checkpointing else "")

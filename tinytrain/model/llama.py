@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinytrain.errors import ConfigError
-from tinytrain.model import attention, loss
+from tinytrain.model import attention, loss, moe
+from tinytrain.model.moe import MoE
 
 # Named architectures: LlamaConfig.from_name(name). Recipes spell theirs out in full.
 PRESETS: dict[str, dict] = {
@@ -77,12 +78,28 @@ class LlamaConfig:
     """RMSNorm (with a weight, over the head's dimensions) on every head's queries and keys before
     RoPE, as Qwen3 and Gemma 3 do: attention logits stay bounded at high learning rates. No Hugging
     Face Llama has it, so `convert to-hf` refuses it."""
+    num_local_experts: int = 1
+    """1: every block's MLP is one SwiGLU. More: a Mixtral mixture of that many SwiGLU experts of
+    intermediate_size each, a router choosing num_experts_per_tok of them per token (model/moe.py)."""
+    num_experts_per_tok: int = 2
+    """Experts each token is sent to (k), when num_local_experts > 1."""
+    router_aux_loss_coef: float = 0.0
+    """Weight of Mixtral's load-balancing loss in the training loss (0: off; Mixtral's config says 0.001,
+    Switch Transformer used 0.01)."""
+    router_jitter_noise: float = 0.0
+    """Mixtral's router input noise: kept from Hugging Face configs; training refuses it (see model/moe.py)."""
+    router_bias_update_rate: float = 0.0
+    """> 0: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the routing scores, moved by
+    this much after every step toward equal loads (DeepSeek-V3 used 0.001)."""
+
+    FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_std", "router_aux_loss_coef", "router_jitter_noise",
+                    "router_bias_update_rate")
 
     def __post_init__(self) -> None:
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("rope_theta", "rms_norm_eps", "initializer_std") or isinstance(value, bool):
+            if f.name in self.FLOAT_FIELDS or isinstance(value, bool):
                 continue
             if f.name == "logit_scaling_window" and value is None:
                 continue
@@ -104,6 +121,13 @@ class LlamaConfig:
                 )
             if self.logit_scaling_window is not None and self.logit_scaling_window < 2:
                 problems.append(f"logit_scaling_window must be >= 2 (a log base), got {self.logit_scaling_window}")
+            if self.num_local_experts > 1 and self.num_experts_per_tok > self.num_local_experts:
+                problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be at most num_local_experts "
+                                f"({self.num_local_experts})")
+            for name in ("router_aux_loss_coef", "router_jitter_noise", "router_bias_update_rate"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                    problems.append(f"{name} must be a number >= 0, got {value!r}")
             if (self.hidden_size // self.num_attention_heads) % 2:
                 problems.append(f"head size {self.hidden_size // self.num_attention_heads} must be even for RoPE")
         if problems:
@@ -112,6 +136,11 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def moe(self) -> bool:
+        """Whether the blocks' MLPs are mixtures of experts."""
+        return self.num_local_experts > 1
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LlamaConfig":
@@ -124,8 +153,9 @@ class LlamaConfig:
         return asdict(self)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of every distinct parameter, in the model's order (a tied head is the
-        embedding, so has no entry of its own): the one place shapes are known without a model."""
+        """Name -> shape of every tensor a checkpoint holds, in the model's order: each distinct parameter
+        (a tied head is the embedding, so has no entry of its own) and the experts' routing bias when
+        there is one. The one place shapes are known without a model."""
         d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
         shapes = {"embed_tokens.weight": (self.vocab_size, d)}
         for n in range(self.num_hidden_layers):
@@ -138,10 +168,16 @@ class LlamaConfig:
                 p + "self_attn.o_proj.weight": (d, self.num_attention_heads * hd),
                 **({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)} if self.qk_norm else {}),
                 p + "post_attention_layernorm.weight": (d,),
-                p + "mlp.gate_proj.weight": (i, d),
-                p + "mlp.up_proj.weight": (i, d),
-                p + "mlp.down_proj.weight": (d, i),
             })
+            if self.moe:
+                E = self.num_local_experts
+                shapes.update({p + "mlp.gate.weight": (E, d), p + "mlp.experts.gate_up_proj": (E, 2 * i, d),
+                               p + "mlp.experts.down_proj": (E, d, i)})
+                if self.router_bias_update_rate > 0:
+                    shapes[p + "mlp.expert_bias"] = (E,)
+            else:
+                shapes.update({p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
+                               p + "mlp.down_proj.weight": (d, i)})
         shapes["norm.weight"] = (d,)
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, d)
@@ -150,8 +186,14 @@ class LlamaConfig:
     def num_params(self, include_embedding: bool = True) -> int:
         """Exact parameter count, from the shapes (no model needed). Without the embedding, a tied
         matrix still counts once, as the output head."""
-        n = sum(math.prod(shape) for shape in self.parameter_shapes().values())
+        n = sum(math.prod(shape) for name, shape in self.parameter_shapes().items() if not name.endswith("expert_bias"))
         return n - self.vocab_size * self.hidden_size if not include_embedding and not self.tie_word_embeddings else n
+
+    def num_active_params(self, include_embedding: bool = True) -> int:
+        """Parameters one token is computed with: all of them but the experts it is not routed to."""
+        idle = self.num_local_experts - self.num_experts_per_tok if self.moe else 0
+        return self.num_params(include_embedding) - idle * self.num_hidden_layers * 3 * self.hidden_size * \
+            self.intermediate_size
 
     # What continued pretraining may change in a trained model: its context window.
     CONTEXT_FIELDS = ("max_position_embeddings", "rope_theta", "logit_scaling_window", "logit_scaling_from_layer")
@@ -167,9 +209,10 @@ class LlamaConfig:
 
     def training_flops_per_token(self, seq_len: int) -> int:
         """FLOPs of one training token (forward + backward): 6 N + 12 L H Q T (PaLM, appendix B),
-        N the parameters without the input embedding, H heads of size Q, T the sequence length.
-        The attention term counts the full T x T score matrix, as published MFU figures do."""
-        n = self.num_params(include_embedding=False)
+        N the parameters without the input embedding (with experts: the active ones), H heads of size Q,
+        T the sequence length. The attention term counts the full T x T score matrix, as published MFU
+        figures do."""
+        n = self.num_active_params(include_embedding=False)
         return 6 * n + 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
 
 
@@ -286,7 +329,7 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = MoE(config) if config.moe else LlamaMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
                 documents: Optional[attention.Documents] = None, query_scale: Optional[torch.Tensor] = None,
@@ -342,12 +385,15 @@ class Llama(nn.Module):
         out_std = 1.0 / math.sqrt(c.hidden_size) / c.num_hidden_layers
         base = seed if seed is not None else int(torch.randint(0, 2**62, (), generator=generator))
         for index, (name, p) in enumerate(self.named_parameters()):
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 _init_whole(p, out_std, base + index)
-            elif p.ndim == 2:
+            elif p.ndim >= 2:
                 _init_whole(p, std, base + index)
             else:
                 nn.init.ones_(p)
+        for m in self.moe_layers:
+            if m.expert_bias is not None:
+                m.expert_bias.zero_()
         self.init_rope()
 
     def init_rope(self) -> None:
@@ -385,7 +431,16 @@ class Llama(nn.Module):
             return self.lm_head(self.norm(x))  # (B, T, V)
         if per_token:
             return loss.token_losses(self.norm(x), self.lm_head.weight, targets)
+        if self.moe_layers and self._training_step():
+            aux = moe.training_forward(self.moe_layers)
+            if self.config.router_aux_loss_coef > 0:
+                return self.head_loss(x, targets) + self.config.router_aux_loss_coef * aux
         return self.head_loss(x, targets)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        """Every block's mixture of experts (none in a dense model)."""
+        return [block.mlp for block in self.layers if isinstance(getattr(block, "mlp", None), MoE)]
 
     def hidden(self, idx: torch.Tensor, pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
         """The last block's output (B, T, d), before the final norm."""

@@ -169,7 +169,12 @@ def _load_average(folder: Path) -> dict[str, torch.Tensor]:
     found = _load_state_entries(folder / STATE, EMA_PREFIX)
     if not found:
         raise CheckpointError(f"{folder / STATE}: no weight average in this checkpoint (train with model.ema_decay)")
-    return {ema_parameter_name(k): v for k, v in found.items()}
+    average = {ema_parameter_name(k): v for k, v in found.items()}
+    if (folder / MODEL_CONFIG).is_file() and read_model_config(folder / MODEL_CONFIG).router_bias_update_rate > 0:
+        # the experts' routing bias is state, not a parameter: the average routes with the model's own
+        average.update({k: v for k, v in _load_state_entries(folder / STATE, MODEL_PREFIX).items()
+                        if k.endswith("expert_bias")})
+    return average
 
 
 def _load_state_entries(state_path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -18,8 +18,9 @@ from tinytrain.store.hf import (
     HFFormatError,
     check_hf_folder,
     config_to_hf,
+    hf_layout,
     hf_tensors,
-    to_hf_name,
+    split_for_hf,
     write_safetensors,
     write_tokenizer_files,
     write_weights_folder,
@@ -41,7 +42,7 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
 
 
 def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
-    """Write a tinytrain checkpoint (plain, sharded or converted) as a HF LlamaForCausalLM folder."""
+    """Write a tinytrain checkpoint (plain, sharded or converted) as a HF LlamaForCausalLM (or Mixtral) folder."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new folder")
@@ -54,11 +55,16 @@ def to_hf(checkpoint, out: Path, dtype: Optional[str] = None) -> Path:
     expected, tensors = source.tensors()
     first_name, first = next(tensors)
     target = DTYPE_NAMES[dtype] if dtype else first.dtype
-    shapes = {to_hf_name(k): v for k, v in expected.items()}
     hf_config = config_to_hf(config, target, tok.bos_id, tok.eos_id)  # before any weight is written
+    layout = hf_layout(config)
+    shapes = {hf_name: shape for name in expected for hf_name, shape in layout[name]}
+
+    def hf_stream():
+        for name, tensor in itertools.chain([(first_name, first)], tensors):
+            yield from ((hf_name, part) for (hf_name, _), part in zip(layout[name], split_for_hf(name, tensor)))
+
     with atomic_folder(out) as tmp:
-        write_safetensors(tmp / WEIGHTS, ((to_hf_name(k), w) for k, w in itertools.chain([(first_name, first)], tensors)),
-                          shapes, target, metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, hf_stream(), shapes, target, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "max_length": config.max_position_embeddings},

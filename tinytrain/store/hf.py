@@ -50,16 +50,58 @@ def from_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else name.removeprefix("model.")
 
 
+def hf_layout(config: LlamaConfig) -> dict[str, list[tuple[str, tuple]]]:
+    """tinytrain name -> the Hugging Face tensors (name, shape) it is stored as, in file order. A
+    prefix rename, but for experts: tinytrain stacks them (model/moe.py), HF files keep Mixtral's
+    per-expert matrices (``block_sparse_moe.experts.<e>.w1`` gate, ``w3`` up, ``w2`` down), which
+    is what transformers writes and reads."""
+    E, d, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+    layout = {}
+    for name, shape in config.parameter_shapes().items():
+        if not (config.moe and ".mlp." in name):
+            layout[name] = [(to_hf_name(name), shape)]
+            continue
+        layer, part = name.split(".mlp.")
+        base = f"model.{layer}.block_sparse_moe."
+        if part == "experts.gate_up_proj":
+            layout[name] = [(f"{base}experts.{e}.{w}.weight", (i, d)) for e in range(E) for w in ("w1", "w3")]
+        elif part == "experts.down_proj":
+            layout[name] = [(f"{base}experts.{e}.w2.weight", (d, i)) for e in range(E)]
+        else:  # gate.weight (the router); expert_bias has no HF counterpart: config_to_hf refuses it first
+            layout[name] = [(base + part, shape)]
+    return layout
+
+
+def split_for_hf(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """A tinytrain tensor as the HF tensors of hf_layout(config)[name], in that order."""
+    if name.endswith("experts.gate_up_proj"):
+        return [half for expert in tensor for half in expert.chunk(2, dim=0)]
+    if name.endswith("experts.down_proj"):
+        return list(tensor.unbind(0))
+    return [tensor]
+
+
+def join_from_hf(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of split_for_hf."""
+    if name.endswith("experts.gate_up_proj"):
+        return torch.stack([torch.cat(parts[e : e + 2]) for e in range(0, len(parts), 2)])
+    if name.endswith("experts.down_proj"):
+        return torch.stack(parts)
+    return parts[0]
+
+
 # --- config --------------------------------------------------------------------------------------
 
 def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
     """LlamaConfig from a HF config.json dict; every field tinytrain cannot honour is listed."""
     problems = []
-    if hf.get("model_type") != "llama":
-        problems.append(f"model_type is {hf.get('model_type')!r}, tinytrain models 'llama'")
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    if archs != ["LlamaForCausalLM"]:
-        problems.append(f"architectures is {archs}, expected ['LlamaForCausalLM']")
+    kind = hf.get("model_type")
+    if kind not in ("llama", "mixtral"):
+        problems.append(f"model_type is {kind!r}, tinytrain models 'llama' and 'mixtral'")
+    expected = ["MixtralForCausalLM"] if kind == "mixtral" else ["LlamaForCausalLM"]
+    archs = hf.get("architectures") or expected
+    if archs != expected:
+        problems.append(f"architectures is {archs}, expected {expected}")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             problems.append(f"{key} is true (tinytrain's linears have no bias)")
@@ -81,8 +123,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
     problems += [f"{key} is missing" for key in required if key not in hf]
     if problems:
         raise HFFormatError(f"{source}: cannot be modelled faithfully by tinytrain: " + "; ".join(problems))
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return LlamaConfig(
+    theta = rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "mixtral" else 10000.0))
+    experts = {}
+    if kind == "mixtral":
+        experts = dict(num_local_experts=hf.get("num_local_experts", 8),
+                       num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+                       router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                       router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)))
+    return LlamaConfig(**experts,
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -92,7 +140,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
-    """The config.json of the same model as a HF LlamaForCausalLM (refused where there is none)."""
+    """The config.json of the same model as a HF LlamaForCausalLM, or MixtralForCausalLM with experts
+    (refused where there is none)."""
     if config.logit_scaling_window is not None:
         raise HFFormatError(
             f"the model scales attention logits beyond position {config.logit_scaling_window} (entropy-aware ABF, "
@@ -102,6 +151,40 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype, bos_id: int = 1, eos_i
         raise HFFormatError(
             "the model normalises each head's queries and keys (model.config.qk_norm); no Hugging Face Llama "
             "computes that, so an export would be a different model: use the tinytrain checkpoint")
+    if config.router_bias_update_rate > 0:
+        raise HFFormatError(
+            "the model routes tokens with a learnt per-expert bias (model.config.router_bias_update_rate, "
+            "auxiliary-loss-free balancing); Hugging Face's Mixtral has no such bias, so an export would route "
+            "differently: use the tinytrain checkpoint")
+    if config.moe:
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "num_local_experts": config.num_local_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "router_aux_loss_coef": config.router_aux_loss_coef,
+            "router_jitter_noise": config.router_jitter_noise,
+            "output_router_logits": False,
+            "max_position_embeddings": config.max_position_embeddings,
+            "rope_theta": config.rope_theta,
+            "rms_norm_eps": config.rms_norm_eps,
+            "sliding_window": None,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -283,29 +366,30 @@ def hf_tensors(folder: Path, config: LlamaConfig) -> tuple[dict[str, tuple], Ite
     """tinytrain name -> shape, and a stream of (tinytrain name, tensor) in that order, after
     checking every name and shape."""
     shapes, source = TensorSource.open(folder)
-    expected = config.parameter_shapes()
-    present = {from_hf_name(k): k for k in shapes if not k.endswith(_IGNORED_SUFFIXES)}
+    layout = hf_layout(config)
+    wanted = {hf_name: shape for parts in layout.values() for hf_name, shape in parts}
+    present = {k for k in shapes if not k.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
-        present.pop("lm_head.weight", None)  # some exporters write the tied copy too
-    missing = [k for k in expected if k not in present]
-    unexpected = [present[k] for k in present if k not in expected]
+        present.discard("lm_head.weight")  # some exporters write the tied copy too
+    missing = [k for k in wanted if k not in present]
+    unexpected = sorted(present - set(wanted))
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append("missing " + ", ".join(to_hf_name(k) for k in missing[:8]) + (" ..." if len(missing) > 8 else ""))
+            parts.append("missing " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
         if unexpected:
             parts.append("unexpected " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
         raise HFFormatError(f"{folder}: weights do not match config.json: " + "; ".join(parts))
-    for name, shape in expected.items():
-        found = tuple(shapes[present[name]])
+    for hf_name, shape in wanted.items():
+        found = tuple(shapes[hf_name])
         if found != shape:
-            raise HFFormatError(f"{folder}: tensor {present[name]} has shape {found}, config.json implies {shape}")
+            raise HFFormatError(f"{folder}: tensor {hf_name} has shape {found}, config.json implies {shape}")
 
     def stream():
-        for name in expected:
-            yield name, source.get(present[name])
+        for name, parts in layout.items():
+            yield name, join_from_hf(name, [source.get(hf_name) for hf_name, _ in parts])
 
-    return expected, stream()
+    return config.parameter_shapes(), stream()
 
 
 def write_weights_folder(out: Path, config: LlamaConfig, shapes: dict[str, tuple],

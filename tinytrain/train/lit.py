@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from tinytrain.data.datamodule import DataSpec
 from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.lightning_private import should_log
+from tinytrain.model import moe
 from tinytrain.model.llama import Llama, LlamaConfig
 from tinytrain.store.rollbacks import Rollback
 from tinytrain.train import parallel
@@ -29,6 +30,7 @@ from tinytrain.train.ema import match_saved_average
 from tinytrain.train.metrics import (
     GRAD_NORM,
     LR,
+    MOE,
     SPIKE_GRAD_NORM,
     SPIKE_LOSS,
     SPIKES_SKIPPED,
@@ -118,6 +120,13 @@ class LitLlama(L.LightningModule):
         if not z_loss >= 0:
             raise ConfigError(f"model.z_loss must be >= 0, got {z_loss}")
         self.z_loss = z_loss
+        if config.moe and config.router_jitter_noise > 0:
+            raise ConfigError(f"model.config.router_jitter_noise is {config.router_jitter_noise}: tinytrain trains "
+                              "routers without input noise (its draws would come from no saved generator, so resume "
+                              "would not be exact); set it to 0.0")
+        if config.moe and optim.optimizer == "muon":
+            raise ConfigError("model.optim.optimizer muon orthogonalises 2-D matrices and the experts are stacked 3-D "
+                              "tensors (model.config.num_local_experts > 1); use adamw with experts")
         self.spike_guard = SpikeGuard(spikes) if spikes.enabled else None
         self.rollback_request: Optional[RollbackRequest] = None  # set when spikes call for one (`fit` acts on it)
         self.pending_rollback: Optional[Rollback] = None  # the rollback this run resumes from (set by `fit`)
@@ -168,8 +177,11 @@ class LitLlama(L.LightningModule):
             from tinytrain.train.ema import WeightAverage
 
             self.ema = WeightAverage(model, self.ema_decay)
-        log.info("model: %s parameters, %d layers, width %d%s", f"{self.config.num_params():,}",
-                 self.config.num_hidden_layers, self.config.hidden_size,
+        c = self.config
+        active = (f" ({c.num_active_params():,} active per token: {c.num_experts_per_tok} of {c.num_local_experts} "
+                  "experts)" if c.moe else "")
+        log.info("model: %s parameters%s, %d layers, width %d%s", f"{c.num_params():,}", active,
+                 c.num_hidden_layers, c.hidden_size,
                  ", sharded with FSDP2" if isinstance(strategy, ModelParallelStrategy) else "")
 
     def _load_initial_weights(self, model: Llama) -> None:
@@ -248,6 +260,9 @@ class LitLlama(L.LightningModule):
             self.rollback_request = RollbackRequest(
                 tuple(s for s in self.spike_guard.skipped if s > step - self.spike_guard.config.window), step)
             self.trainer.should_stop = True
+        routing = moe.figures(self.model) if should_log(self.trainer) else {}  # before after_step resets the loads
+        skipped = self.spike_guard is not None and self.spike_guard.skipped[-1:] == [step]
+        moe.after_step(self.model, 0.0 if skipped else self.config.router_bias_update_rate)
         if self.ema is not None:
             self.ema.update(self.model, step)
         # Only on the steps Lightning writes logs: each logged value costs a device sync, and the
@@ -262,6 +277,8 @@ class LitLlama(L.LightningModule):
                 self.log(SPIKES_SKIPPED, float(len(self.spike_guard.skipped)))
             for name, epochs in dm.epochs_completed(step + 1).items():
                 self.log(f"data/epochs/{name}", epochs)
+            for name, value in routing.items():
+                self.log(f"{MOE}/{name}", value)
         return loss
 
     def _accept_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:

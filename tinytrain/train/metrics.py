@@ -14,6 +14,7 @@ PEAK_MEMORY_GIB = "train/peak_memory_gib"
 SPIKE_LOSS = "train/spike_loss"
 SPIKE_GRAD_NORM = "train/spike_grad_norm"
 SPIKES_SKIPPED = "train/spikes_skipped"
+MOE = "moe"  # moe/aux_loss, moe/layer_<n>/imbalance, moe/layer_<n>/entropy (tinytrain.model.moe.figures)
 VAL_LOSS = "val/loss"
 VAL_PPL = "val/ppl"
 VAL_BPB = "val/bpb"
