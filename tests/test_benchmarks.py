@@ -201,3 +201,21 @@ def test_proxy_tuning_closes_much_of_the_gap_on_the_tuned_domain(tmp_path):
     assert bpb["large-proxy-tuned"] < bpb["large-base"] - 0.1
     assert 0.2 < r["gap_closed"] < 1.5
     assert all(v > 0 for v in r["generation_tokens_per_s"].values()) and set(r["proxy_alpha_sweep"]) == {"0.5", "2.0"}
+
+
+@pytest.mark.slow
+def test_moe_vs_dense_benchmark_trains_both_on_shared_data(code_corpus, tmp_path):
+    """Both fits at a toy size: the JSON holds each model's held-out score and speed, the MoE with
+    more parameters than the dense model and (but for the router) the same active ones."""
+    small = ["--model.config.vocab_size", "512", "--model.config.hidden_size", "64", "--model.config.num_attention_heads",
+             "2", "--model.config.num_hidden_layers", "2", "--model.config.max_position_embeddings", "64",
+             "--data.seq_len", "64", "--data.global_batch_size", "4", "--data.micro_batch_size", "4",
+             "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_steps", "4",
+             "--model.optim.warmup_steps", "1"]
+    r = run_benchmark("moe_vs_dense.py", "--steps", "4", "--corpus", str(code_corpus), "--val_fraction", "0.1", "--",
+                      *small, out=tmp_path / "moe.json", timeout=600)
+    dense, moe = r["rows"]["dense"], r["rows"]["moe"]
+    assert moe["params"] > dense["params"] and moe["active_params"] - dense["active_params"] == 2 * 8 * 64
+    assert (moe["experts"], moe["experts_per_token"], dense["experts"]) == (8, 2, 1)
+    for row in (dense, moe):
+        assert 0 < row["bits_per_byte"] < 10 and row["tokens_per_s"] > 0 and row["validation_timeline"]

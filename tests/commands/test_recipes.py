@@ -1,6 +1,7 @@
 
 import pytest
 import torch
+import yaml
 from conftest import RECIPES
 
 from tinytrain.commands.main import TinyTrainCLI, main
@@ -18,8 +19,8 @@ def make_cli(*args):
 
 
 def test_every_recipe_is_tested():
-    assert {p.stem for p in RECIPE_FILES} == {"ci", "tiny", "tinyllama-1.1b", "tinyllama-1.1b-continue",
-                                              "tinyllama-1.1b-long"}
+    assert {p.stem for p in RECIPE_FILES} == {"ci", "tiny", "tiny-moe", "tinyllama-1.1b", "tinyllama-1.1b-continue",
+                                              "tinyllama-1.1b-long", "tinyllama-1.1b-moe"}
 
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: p.stem)
@@ -41,7 +42,8 @@ def test_recipe_instantiates(recipe, prepared):
         model = Llama(config)
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
     assert cli.datamodule.vocab_size == config.vocab_size  # linked from the model
-    preset = {"ci": "ci", "tiny": "tiny", "tinyllama-1.1b": "tinyllama-1.1b",
+    preset = {"ci": "ci", "tiny": "tiny", "tinyllama-1.1b": "tinyllama-1.1b", "tiny-moe": "tiny-moe",
+              "tinyllama-1.1b-moe": "tinyllama-1.1b-moe",
               "tinyllama-1.1b-continue": "tinyllama-1.1b", "tinyllama-1.1b-long": "tinyllama-1.1b"}[recipe.stem]
     assert config.architecture() == LlamaConfig.from_name(preset).architecture()
     if recipe.stem != "tinyllama-1.1b-long":
@@ -80,6 +82,19 @@ def test_continue_recipe_starts_from_weights_with_a_fresh_schedule(prepared):
     with pytest.raises(ValueError, match="model.init_from is required by this recipe"):
         make_cli("--config", RECIPES / "tinyllama-1.1b-continue.yaml", "--trainer.accelerator", "cpu",
                  "--trainer.devices", "1", "--data.path", prepared)
+
+
+def test_moe_recipes_match_their_dense_twins_but_for_the_experts():
+    """Same data, schedule and attention as the dense recipe; a token's MLP costs the same in tiny-moe
+    (2 experts of half the width), and TinyLlama's MLP is each of the 1.1B MoE's experts."""
+    for dense, sparse in (("tiny", "tiny-moe"), ("tinyllama-1.1b", "tinyllama-1.1b-moe")):
+        d, s = (yaml.safe_load((RECIPES / f"{name}.yaml").read_text()) for name in (dense, sparse))
+        assert d["model"]["optim"] == s["model"]["optim"] and d["trainer"]["max_steps"] == s["trainer"]["max_steps"]
+        assert {k: v for k, v in d["data"].items() if k != "micro_batch_size"} == \
+            {k: v for k, v in s["data"].items() if k != "micro_batch_size"}
+        dc, sc = LlamaConfig.from_name(dense), LlamaConfig.from_name(sparse)
+        assert sc.moe and sc.num_experts_per_tok * sc.intermediate_size in (dc.intermediate_size, 2 * dc.intermediate_size)
+    assert LlamaConfig.from_name("tiny-moe").num_active_params() - LlamaConfig.from_name("tiny").num_params() == 6 * 8 * 192
 
 
 def test_tinyllama_recipe_demands_a_data_path():

@@ -182,3 +182,26 @@ def test_export_refuses_the_routing_bias_by_name():
     with pytest.raises(HFFormatError, match="router_bias_update_rate"):
         config_to_hf(moe_config(router_bias_update_rate=0.001), torch.float32)
     assert config_to_hf(moe_config(), torch.float32)["architectures"] == ["MixtralForCausalLM"]
+
+
+@pytest.mark.parametrize("how", ["activation_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+def test_recomputed_and_compiled_blocks_route_count_and_learn_alike(how):
+    """Activation checkpointing runs each block again in backward: the loads are counted once. A
+    compiled block (graph broken where the experts' slices are sized on the host) gives eager's
+    loss and gradients."""
+    from tinytrain.train import parallel
+
+    torch.manual_seed(4)
+    config = moe_config(num_hidden_layers=1 if how == "compile" else 2, router_aux_loss_coef=0.01)
+    eager, other = Llama(config).train(), Llama(config).train()
+    other.load_state_dict(eager.state_dict())
+    (parallel.apply_activation_checkpointing if how == "activation_checkpointing" else parallel.apply_compile)(other)
+    idx = torch.randint(0, 512, (4, 33))
+    losses = [m(idx[:, :-1], idx[:, 1:]) for m in (eager, other)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(eager.moe_layers, other.moe_layers):
+        assert torch.equal(a.load, b.load) and int(a.load.sum()) == 4 * 32 * 2

@@ -93,3 +93,16 @@ def test_what_training_refuses_with_experts(code_corpus, tmp_path, extra, messag
     proc = run_tinytrain(*ci_args(code_corpus, *MOE, *extra, "--trainer.max_steps", "1"), cwd=tmp_path, check=False)
     assert message in one_line(proc, "fit")
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
+
+
+def test_a_trained_mixture_generates_and_scores_text(moe_runs, code_corpus, tmp_path):
+    """generate and evaluate read an MoE checkpoint like any other (cached decoding; --text scoring)."""
+    import json
+
+    run = moe_runs("plain") / "runs" / "ci"
+    gen = run_tinytrain("generate", run, "--prompt", "def ", "--max_new_tokens", "8", cwd=tmp_path)
+    assert gen.stdout.startswith("def ") and len(gen.stdout) > len("def ")
+    held = sorted(code_corpus.glob("*.py"))[-1]
+    run_tinytrain("evaluate", run, "--text", held, "--out", tmp_path / "bpb.json", cwd=tmp_path)
+    text = json.loads((tmp_path / "bpb.json").read_text())["text"]
+    assert text["bytes"] == len(held.read_bytes()) and 0 < text["bits_per_byte"] < 8

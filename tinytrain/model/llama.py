@@ -33,6 +33,17 @@ PRESETS: dict[str, dict] = {
         vocab_size=8192, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
     ),
+    # Sparse experts at the same active size: 8 experts of half the width, 2 per token (recipes/*-moe.yaml).
+    "tiny-moe": dict(
+        vocab_size=8192, hidden_size=192, intermediate_size=256, num_hidden_layers=6,
+        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
+        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01,
+    ),
+    "tinyllama-1.1b-moe": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01,
+    ),
     # Under 1M parameters: a few dozen steps in seconds, for tests.
     "ci": dict(
         vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,

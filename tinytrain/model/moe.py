@@ -68,9 +68,13 @@ class Experts(nn.Module):
 
 
 def can_group(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether grouped_mm takes these operands: 2-byte or 4-byte floats whose rows are 16-byte aligned."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+    """Whether grouped_mm takes these operands: bf16 (or fp32 run eager on CPU, which its kernel
+    takes and its compiled form does not) with 16-byte aligned rows, on a CPU or a Hopper-or-newer GPU."""
+    fp32_ok = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not hasattr(F, "grouped_mm") or x.dtype not in ((torch.float32, torch.bfloat16) if fp32_ok else (torch.bfloat16,)):
         return False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False  # the kernel torchtitan relies on is Hopper's; elsewhere the loop
     return all(t.size(-1) * t.element_size() % 16 == 0 and t.size(-2) * t.element_size() % 16 == 0
                for t in (x, *weights))
 
@@ -105,20 +109,24 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)
+        N, k = x.size(0), self.top_k
         probs, chosen, weights = self.route(x)
-        flat = chosen.reshape(-1)  # (N k,) the expert of every token slot
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        token = order // self.top_k
-        y = self.experts(x[token], counts, self.grouped) * weights.reshape(-1)[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y)
+        flat = chosen.reshape(-1)  # (N k,) the expert of every token slot, token-major
+        order = flat.argsort(stable=True)  # slots sorted by expert
+        counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))  # static shape
+        # Every gather below is a permutation or a broadcast, never a scatter-add into repeated rows:
+        # forward and backward add in a fixed order, so a step is repeatable bit for bit on any device.
+        slots = x.unsqueeze(1).expand(N, k, x.size(1)).reshape(N * k, -1)[order]
+        y = self.experts(slots, counts, self.grouped)
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
+        out = (y[unsort].view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         if self.training and torch.is_grad_enabled():
             # Read once per forward by the model (training_forward), outside any recomputation of the
             # block (activation checkpointing runs this again in backward: it only rewrites these).
             self.counts = counts.detach()
             with torch.no_grad():
                 self.entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-            fraction = counts.float() / x.size(0)  # sums to k
+            fraction = counts.float() / N  # sums to k
             self.aux_loss = self.num_experts * (fraction * probs.mean(0)).sum()
         return out.reshape(shape)
 

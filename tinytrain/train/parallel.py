@@ -62,8 +62,13 @@ def apply_compile(model: Llama) -> None:
     """torch.compile each transformer block (one graph, reused by all 22) for the training step.
     Everything else (validation, evaluation, decoding with a KV cache) runs the same blocks eager:
     each mode, shape and cache state would add graphs, and under ``fullgraph=True`` the 9th graph
-    of a frame is an error (torch's recompile limit), mid-run."""
-    model.compiled_layers = tuple(torch.compile(block, fullgraph=True) for block in model.layers)
+    of a frame is an error (torch's recompile limit), mid-run. A block with experts may break its
+    graph where the experts' slices are sized on the host (model/moe.py), so it compiles without
+    fullgraph."""
+    from tinytrain.model.moe import MoE
+
+    model.compiled_layers = tuple(torch.compile(block, fullgraph=not isinstance(block.mlp, MoE))
+                                  for block in model.layers)
 
 
 def apply_compile_loss(model: Llama) -> None:
