@@ -212,10 +212,11 @@ def test_moe_vs_dense_benchmark_trains_both_on_shared_data(code_corpus, tmp_path
              "--data.seq_len", "64", "--data.global_batch_size", "4", "--data.micro_batch_size", "4",
              "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_steps", "4",
              "--model.optim.warmup_steps", "1"]
-    r = run_benchmark("moe_vs_dense.py", "--steps", "4", "--corpus", str(code_corpus), "--val_fraction", "0.1", "--",
+    r = run_benchmark("moe_vs_dense.py", "--steps", "4", "--rounds", "1", "--corpus", str(code_corpus), "--val_fraction", "0.1", "--",
                       *small, out=tmp_path / "moe.json", timeout=600)
     dense, moe = r["rows"]["dense"], r["rows"]["moe"]
     assert moe["params"] > dense["params"] and moe["active_params"] - dense["active_params"] == 2 * 8 * 64
     assert (moe["experts"], moe["experts_per_token"], dense["experts"]) == (8, 2, 1)
     for row in (dense, moe):
-        assert 0 < row["bits_per_byte"] < 10 and row["tokens_per_s"] > 0 and row["validation_timeline"]
+        assert 0 < row["bits_per_byte"] < 10 and row["logged_tokens_per_s"] > 0 and row["validation_timeline"]
+    assert set(r["speed"]["tokens_per_s"]) == {"dense", "moe"} and r["tokens_per_s_moe_over_dense"] > 0
