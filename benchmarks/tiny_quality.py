@@ -1,12 +1,17 @@
 """Time to quality of the laptop recipe: bits per byte of held-out standard-library source against
-wall-clock time, from a cold cache, beside what zlib, bz2 and xz make of the same bytes.
+wall-clock time, from a cold cache, beside what general-purpose compressors make of the same bytes.
 
 Runs `tinytrain fit --config recipes/tiny.yaml` in a fresh folder with an empty cache (so the
 tokenizer training and the tokenization are timed too), timestamps every validation line it prints,
 then scores the final checkpoint on the held-out documents (the files the preparation held out, each
-one document, every token predicted once) in bits per UTF-8 byte, and compresses the same bytes
-(concatenated: the compressors get the benefit of one long stream). Or, with --run, scores a
-finished run folder. Writes JSON.
+one document, every token predicted once) in bits per UTF-8 byte. Or, with --run, scores a finished
+run folder. Writes JSON.
+
+The compressors get the held-out bytes concatenated (one long stream), twice: alone, and having
+read the training split first (compressed size of training split + held-out minus that of the
+training split alone: what they make of the held-out bytes knowing the data the model learnt from).
+xz comes from Python's lzma; `zstd -19 --long` and `zpaq -m5` (a context-mixing archiver) from the
+programs of those names, recorded as null when they are not installed.
 
     python -m benchmarks.tiny_quality --out benchmarks/results/tiny_quality-cpu2.json
 """
@@ -18,12 +23,14 @@ import bz2
 import lzma
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.common import command, machine, split_at_dashes, write_result
 from tinytrain.data.corpus import list_corpus_files, read_documents, stdlib_dir
@@ -40,13 +47,48 @@ def held_out_texts(corpus: Path, val_fraction: float) -> list[str]:
             if is_validation(path.relative_to(corpus).as_posix(), val_fraction)]
 
 
-def compressors(data: bytes) -> dict[str, float]:
-    """Bits per byte of the best settings of zlib (-9), bz2 (-9) and xz (-9e)."""
-    def rate(packed: bytes) -> float:
-        return 8 * len(packed) / len(data)
+def training_texts(corpus: Path, val_fraction: float) -> list[str]:
+    """The documents a preparation of ``corpus`` trains on (all but the held-out ones), as text."""
+    return [text for path, text in read_documents(list_corpus_files(corpus))
+            if not is_validation(path.relative_to(corpus).as_posix(), val_fraction)]
 
-    return {"zlib -9": rate(zlib.compress(data, 9)), "bz2 -9": rate(bz2.compress(data, 9)),
-            "xz -9e": rate(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))}
+
+def _xz(data: bytes) -> int:
+    return len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+
+
+def _zstd(data: bytes) -> Optional[int]:
+    if shutil.which("zstd") is None:
+        return None
+    # --long: a 128 MiB window, so the held-out bytes can refer back to the whole training split
+    # (level 19 alone keeps 8 MiB).
+    out = subprocess.run(["zstd", "-19", "--long=27", "-q", "-c"], input=data, capture_output=True, check=True)
+    return len(out.stdout)
+
+
+def _zpaq(data: bytes) -> Optional[int]:
+    if shutil.which("zpaq") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "data").write_bytes(data)
+        subprocess.run(["zpaq", "a", "archive.zpaq", "data", "-m5"], cwd=tmp, capture_output=True, check=True)
+        return (Path(tmp) / "archive.zpaq").stat().st_size
+
+
+def compressors(data: bytes, training: Optional[bytes] = None) -> dict[str, Optional[float]]:
+    """Bits per held-out byte of each compressor at its strongest setting: on ``data`` alone, and
+    (`<name>, after the training split`) as the extra size ``data`` adds after ``training``. None
+    where the program is not installed."""
+    def rate(size: Optional[int]) -> Optional[float]:
+        return None if size is None else round(8 * size / len(data), 4)
+
+    out = {"zlib -9": rate(len(zlib.compress(data, 9))), "bz2 -9": rate(len(bz2.compress(data, 9)))}
+    for name, size in (("xz -9e", _xz), ("zstd -19 --long", _zstd), ("zpaq -m5", _zpaq)):
+        out[name] = rate(size(data))
+        if training:
+            alone, both = size(training), size(training + data)
+            out[f"{name}, after the training split"] = None if alone is None else rate(both - alone)
+    return out
 
 
 def train(recipe: Path, work: Path, extra: list[str]) -> tuple[float, list[dict]]:
@@ -80,9 +122,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--keep", default=None, help="train in this (new, empty) folder and keep it, to look at the run")
     args = parser.parse_args(own)
 
+    import json
+
     import torch
 
-    from tinytrain.store.checkpoint import load_checkpoint
+    from tinytrain.store.checkpoint import load_checkpoint, resolve_checkpoint
+    from tinytrain.store.layout import META
 
     corpus = Path(args.corpus) if args.corpus else stdlib_dir()
     texts = held_out_texts(corpus, args.val_fraction)
@@ -96,23 +141,33 @@ def main(argv=None) -> dict:
         run = Path(args.run) if args.run else None
         if run is None:
             wall, timeline = train(Path(args.recipe).resolve(), Path(tmp), fit_args)
-            run = Path(tmp) / "runs" / "tiny"
+            runs = [p for p in (Path(tmp) / "runs").iterdir() if p.is_dir()]
+            if len(runs) != 1:
+                raise SystemExit(f"tiny_quality: error: expected one run folder under {Path(tmp) / 'runs'}, found "
+                                 f"{sorted(p.name for p in runs)}")
+            run = runs[0]
+        meta = json.loads((resolve_checkpoint(run) / META).read_text())
         model, tok = load_checkpoint(run)
         with torch.no_grad():
             score = bits_per_byte(model, tok, texts)
+    training = "".join(training_texts(corpus, args.val_fraction)).encode("utf-8")
     result = {
         "benchmark": "tiny_quality", "recipe": args.recipe, "fit_arguments": fit_args, "run": args.run,
-        "wall_s_cold_cache": round(wall, 1) if wall is not None else None,
+        # what a reader compares first: the CPU's bf16 units, the precision trained in, the time, the score
+        "amx": torch.cpu._is_amx_tile_supported(), "precision": meta.get("precision"),
+        "wall_seconds": round(wall, 1) if wall is not None else None,
+        "bits_per_byte": score["bits_per_byte"],
+        "compressors": compressors(data, training),
         "validation_timeline": timeline,
         "held_out": {"documents": len(texts), "bytes": len(data), "val_fraction": args.val_fraction,
-                     "corpus": str(corpus)},
-        "model": score, "bits_per_byte": score["bits_per_byte"], "compressors_bits_per_byte": compressors(data),
+                     "corpus": str(corpus), "training_split_bytes": len(training)},
+        "model": score, "steps": meta.get("step"), "tokens": meta.get("tokens"),
         "command": command("tiny_quality", argv), "machine": machine(),
     }
     write_result(result, args.out)
     print(f"{result['bits_per_byte']:.3f} bits per byte of {len(data):,} held-out bytes"
           + (f" after {wall:.0f} s from a cold cache" if wall else "") + "; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in result["compressors_bits_per_byte"].items()))
+          + ", ".join(f"{k} {v:.3f}" for k, v in result["compressors"].items() if v is not None))
     return result
 
 

@@ -220,3 +220,26 @@ def test_moe_vs_dense_benchmark_trains_both_on_shared_data(code_corpus, tmp_path
     for row in (dense, moe):
         assert 0 < row["bits_per_byte"] < 10 and row["logged_tokens_per_s"] > 0 and row["validation_timeline"]
     assert set(r["speed"]["tokens_per_s"]) == {"dense", "moe"} and r["tokens_per_s_moe_over_dense"] > 0
+
+
+def test_tiny_quality_benchmark_times_scores_and_measures_the_compressors(code_corpus, tmp_path):
+    import shutil
+
+    result = run_benchmark("tiny_quality.py", "--recipe", str(ROOT / "recipes" / "ci.yaml"), "--corpus",
+                           str(code_corpus), "--val_fraction", "0.1", "--", "--data.corpus", str(code_corpus),
+                           "--data.val_fraction", "0.1", "--trainer.max_steps", "4",
+                           "--trainer.val_check_interval", "2", "--checkpoint.every_n_steps", "4",
+                           out=tmp_path / "quality.json", timeout=600)
+    assert isinstance(result["amx"], bool) and result["precision"] == "32-true" and result["steps"] == 4
+    assert result["wall_seconds"] > 0 and [r["step"] for r in result["validation_timeline"]] == [2, 4]
+    assert result["bits_per_byte"] == result["model"]["bits_per_byte"] > 0
+    assert result["held_out"]["bytes"] > 0 and result["held_out"]["training_split_bytes"] > result["held_out"]["bytes"]
+    figures = result["compressors"]
+    for name, program in (("xz -9e", "lzma"), ("zstd -19 --long", "zstd"), ("zpaq -m5", "zpaq")):
+        alone, after = figures[name], figures[f"{name}, after the training split"]
+        if program != "lzma" and shutil.which(program) is None:
+            assert alone is None and after is None
+            continue
+        # the held-out modules repeat the training modules' patterns: reading those first helps
+        assert 0 < after < alone < 8, (name, alone, after)
+    assert figures["zlib -9"] > 0 and figures["bz2 -9"] > 0
