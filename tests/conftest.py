@@ -153,6 +153,17 @@ def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 60
     return proc
 
 
+def make_cli(*args):
+    """The `fit` command's LightningCLI, parsed in-process from ``args`` without running anything."""
+    from tinytrain.commands.main import TinyTrainCLI
+    from tinytrain.data.datamodule import TokenData
+    from tinytrain.run.checkpointing import ConfigSaver
+    from tinytrain.train.lit import LitLlama
+
+    return TinyTrainCLI(LitLlama, TokenData, run=False, save_config_callback=ConfigSaver,
+                        args=[*map(str, args)], auto_configure_optimizers=False)
+
+
 def ci_args(corpus: Path, *extra) -> list:
     """`fit` on the ci recipe, reading the given corpus."""
     return ["fit", "--config", RECIPES / "ci.yaml", "--data.corpus", corpus, "--data.val_fraction", "0.1", *extra]

@@ -2,20 +2,12 @@
 import pytest
 import torch
 import yaml
-from conftest import RECIPES
+from conftest import RECIPES, make_cli
 
-from tinytrain.commands.main import TinyTrainCLI, main
-from tinytrain.data.datamodule import TokenData
+from tinytrain.commands.main import main
 from tinytrain.model.llama import Llama, LlamaConfig
-from tinytrain.run.checkpointing import ConfigSaver
-from tinytrain.train.lit import LitLlama
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
-
-
-def make_cli(*args):
-    return TinyTrainCLI(LitLlama, TokenData, run=False, save_config_callback=ConfigSaver,
-                        args=[*map(str, args)], auto_configure_optimizers=False)
 
 
 def test_every_recipe_is_tested():

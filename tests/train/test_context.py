@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import RECIPES, ci_args, metric_rows, run_tinytrain
+from conftest import RECIPES, ci_args, make_cli, metric_rows, run_tinytrain
 
 from tinytrain.errors import ConfigError
 from tinytrain.model.llama import Llama, LlamaConfig
@@ -122,8 +122,6 @@ def test_init_from_may_change_only_the_context_window(code_corpus, tmp_path):
 
 
 def test_long_recipe_is_tinyllama_at_8192_tokens(prepared):
-    from test_recipes import make_cli
-
     cli = make_cli("--config", RECIPES / "tinyllama-1.1b-long.yaml", "--trainer.accelerator", "cpu",
                    "--trainer.devices", "1", "--data.path", prepared, "--model.init_from", "ckpt")
     c = cli.model.config

@@ -206,6 +206,12 @@ class LlamaConfig:
         return self.num_params(include_embedding) - idle * self.num_hidden_layers * 3 * self.hidden_size * \
             self.intermediate_size
 
+    def describe(self) -> str:
+        """'5,507,520 parameters, 6 layers, width 192' (with experts: how many are active per token)."""
+        active = (f" ({self.num_active_params():,} active per token: {self.num_experts_per_tok} of "
+                  f"{self.num_local_experts} experts)" if self.moe else "")
+        return f"{self.num_params():,} parameters{active}, {self.num_hidden_layers} layers, width {self.hidden_size}"
+
     # What continued pretraining may change in a trained model: its context window.
     CONTEXT_FIELDS = ("max_position_embeddings", "rope_theta", "logit_scaling_window", "logit_scaling_from_layer")
 

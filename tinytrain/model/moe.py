@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytrain.errors import ConfigError
+
 
 class Experts(nn.Module):
     """E SwiGLU MLPs as two stacked tensors."""
@@ -134,6 +136,19 @@ class MoE(nn.Module):
     def update_bias(self, rate: float, load: torch.Tensor) -> None:
         """DeepSeek-V3's step: raise the bias of experts below the mean load, lower those above."""
         self.expert_bias += rate * torch.sign(load.mean() - load)
+
+
+def check_trainable(config, optimizer: str) -> None:
+    """Refuse, by name, the settings experts are not trained with here."""
+    if not config.moe:
+        return
+    if config.router_jitter_noise > 0:
+        raise ConfigError(f"model.config.router_jitter_noise is {config.router_jitter_noise}: tinytrain trains "
+                          "routers without input noise (its draws would come from no saved generator, so resume "
+                          "would not be exact); set it to 0.0")
+    if optimizer == "muon":
+        raise ConfigError("model.optim.optimizer muon orthogonalises 2-D matrices and the experts are stacked 3-D "
+                          "tensors (model.config.num_local_experts > 1); use adamw with experts")
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -258,6 +258,20 @@ class Pretrained:
         return dict(self.tensors()[1])
 
 
+def check_resumable(saved: dict, config: LlamaConfig, tokenizer_sha256: Optional[str],
+                    tokenizer: Optional[str]) -> None:
+    """A run's saved facts (its state's FACTS entry) against the run resuming it: the data's tokenizer
+    (its sha256 and path, None without data) and the recipe's architecture must be the saved ones."""
+    if saved.get("tokenizer_sha256") and tokenizer_sha256 and saved["tokenizer_sha256"] != tokenizer_sha256:
+        raise CheckpointError(
+            f"the checkpoint was trained on data tokenized with tokenizer sha256 {saved['tokenizer_sha256']}, but "
+            f"the data now given ({tokenizer}) was made with sha256 {tokenizer_sha256}; resume with the original "
+            "data, or start a new run (--checkpoint.resume false, or --model.init_from)")
+    if saved.get("model_config") is not None and LlamaConfig(**saved["model_config"]) != config:
+        raise CheckpointError("the checkpoint was trained with a different model config; differing fields "
+                              + LlamaConfig(**saved["model_config"]).differences(config, "checkpoint", "recipe"))
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from a checkpoint's file; anything else is a CheckpointError naming the file."""
     try:

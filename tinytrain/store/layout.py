@@ -24,6 +24,7 @@ CONFIG = "config.yaml"
 MODEL_PREFIX = "model."           # LitLlama holds the Llama as `self.model`: its keys in Lightning's state dict
 EMA_PREFIX = "ema."               # and the weights' moving average as `self.ema` (tinytrain.train.ema)
 TMP_PREFIX = ".tmp-"              # a checkpoint being written
+FACTS = "tinytrain"               # tinytrain's own entry in Lightning's state: architecture, tokenizer, spikes
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

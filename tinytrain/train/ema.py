@@ -19,9 +19,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tinytrain.errors import ConfigError
 from tinytrain.store.layout import EMA_PREFIX, MODEL_PREFIX, ema_buffer_name
 
 log = logging.getLogger(__name__)
+
+
+def check_decay(decay: Optional[float]) -> None:
+    if decay is not None and not 0 < decay < 1:
+        raise ConfigError(f"model.ema_decay must be in (0, 1) or null, got {decay}")
 
 
 class WeightAverage(nn.Module):

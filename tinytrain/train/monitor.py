@@ -1,4 +1,6 @@
-"""Throughput and MFU of training, logged on the steps Lightning writes (a callback LitLlama adds).
+"""What training reports: the step's values (``log_step``), where each rank runs
+(``process_description``), and throughput and MFU, logged on the steps Lightning writes (a callback
+LitLlama adds).
 
 Tokens/s is measured between the ends of consecutive steps, which in steady state is the step time
 with no extra device synchronisation; time other callbacks report as spent (``busy_seconds``:
@@ -10,6 +12,8 @@ datasheet figures, or on a CPU a matrix product measured at the start of trainin
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from typing import Optional
 
@@ -18,9 +22,45 @@ from lightning.pytorch.callbacks import Callback
 
 from tinytrain.lightning_private import should_log
 from tinytrain.train.flops import measured_cpu_peak, peak_flops
-from tinytrain.train.metrics import MFU, PEAK_MEMORY_GIB, TFLOPS_PER_DEVICE, TOKENS_PER_SEC, TOKENS_PER_SEC_PER_DEVICE
+from tinytrain.train.metrics import (
+    GRAD_NORM,
+    LR,
+    MFU,
+    MOE,
+    PEAK_MEMORY_GIB,
+    SPIKES_SKIPPED,
+    TFLOPS_PER_DEVICE,
+    TOKENS,
+    TOKENS_PER_SEC,
+    TOKENS_PER_SEC_PER_DEVICE,
+    TRAIN_LOSS,
+)
 
 log = logging.getLogger(__name__)
+
+
+def log_step(module, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, routing: dict) -> None:
+    """Log optimizer step ``step``'s values through the LightningModule. Called only on the steps
+    Lightning writes logs: each value costs a device sync, and the loss a collective (sync_dist)."""
+    dm = module.trainer.datamodule
+    module.log(TRAIN_LOSS, loss, sync_dist=True)  # not prog_bar: see console.StepProgress
+    module.log(LR, lr)
+    module.log(GRAD_NORM, grad_norm)
+    module.log(TOKENS, float(dm.tokens_trained(step + 1)))
+    if module.spike_guard is not None:
+        module.log(SPIKES_SKIPPED, float(len(module.spike_guard.skipped)))
+    for name, epochs in dm.epochs_completed(step + 1).items():
+        module.log(f"data/epochs/{name}", epochs)
+    for name, value in routing.items():
+        module.log(f"{MOE}/{name}", value)
+
+
+def process_description(trainer) -> str:
+    """Where this rank runs and what it may use: wrong CPU or GPU binding shows here first."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"rank {trainer.global_rank} of {trainer.world_size} on {socket.gethostname()}: "
+            f"{cpus} CPUs, {torch.get_num_threads()} torch threads, device {trainer.strategy.root_device}"
+            + (f" of {torch.cuda.device_count()} visible GPUs" if torch.cuda.is_available() else ""))
 
 
 class Throughput(Callback):

@@ -17,12 +17,16 @@ skip becomes part of the data stream's state and of every later checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
 from tinytrain.errors import ConfigError
+from tinytrain.train.metrics import SPIKE_GRAD_NORM, SPIKE_LOSS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,36 @@ class SpikeGuard:
             self.skipped.append(step)
         return reason
 
+    def accept(self, step: int, loss, grad_norm, trainer) -> bool:
+        """Whether step ``step``'s update is taken, the same answer on every rank (the loss is averaged
+        over the ranks first); rank zero logs a spike."""
+        mean_loss = float(trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+        reason = self.check(step, mean_loss, float(grad_norm))
+        if reason is None:
+            return True
+        if trainer.is_global_zero:
+            log.warning("step %d: loss spike (%s): update skipped", step + 1, reason)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({SPIKE_LOSS: mean_loss, SPIKE_GRAD_NORM: float(grad_norm)}, step=step)
+        return False
+
+    def skipped_at(self, step: int) -> bool:
+        """Whether step ``step``'s update was skipped (asked after the step)."""
+        return self.skipped[-1:] == [step]
+
     def rollback_due(self, step: int) -> bool:
         n = self.config.rollback_after
         return n > 0 and sum(s > step - self.config.window for s in self.skipped) >= n
+
+    def rollback_request(self, step: int) -> Optional[RollbackRequest]:
+        """The rollback that step ``step``'s spike calls for, if it does."""
+        if not (self.skipped_at(step) and self.rollback_due(step)):
+            return None
+        return RollbackRequest(tuple(s for s in self.skipped if s > step - self.config.window), step)
+
+    def meta(self) -> dict:
+        """What meta.json records of the spikes: skipped steps (1-based) and rollbacks."""
+        return {"spikes": {"skipped_steps": [s + 1 for s in self.skipped], "rollbacks": self.rollbacks}}
 
     def state_dict(self) -> dict:
         return {"history": [list(h) for h in self.history], "skipped": list(self.skipped),

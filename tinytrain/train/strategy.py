@@ -1,13 +1,17 @@
-"""The Lightning strategy for FSDP2 across every process of every node (``--trainer.strategy fsdp2``)."""
+"""The Lightning strategy for FSDP2 across every process of every node (``--trainer.strategy fsdp2``),
+and the model built as the run's strategy trains it."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from tinytrain.errors import ConfigError
 from tinytrain.lightning_private import unwrap_optimizer
+
+if TYPE_CHECKING:
+    from tinytrain.model.llama import Llama
 
 
 class FSDP2(ModelParallelStrategy):
@@ -104,3 +108,31 @@ def register_strategy() -> None:
     """Make `--trainer.strategy fsdp2` (a plain string) mean the FSDP2 strategy above."""
     if "fsdp2" not in StrategyRegistry:
         StrategyRegistry.register("fsdp2", FSDP2, description="FSDP2 (fully_shard) over every process")
+
+
+def build_model(trainer, config, switches, spec) -> Llama:
+    """The model as ``trainer``'s strategy trains it (None: on the CPU, unsharded): under FSDP2 built
+    on the meta device and sharded, computing in the precision's dtype over fp32 master weights;
+    otherwise whole on the strategy's device. ``spec`` (the data's, or None) gives the BOS id that
+    starts each document, for document masking."""
+    import torch
+
+    from tinytrain.train import parallel
+
+    strategy = trainer.strategy if trainer is not None else None
+    bos_id = spec.bos_id if spec is not None and spec.bos_id is not None else 1
+    if switches.document_masking and spec is not None and not spec.bos_per_document:
+        raise ConfigError("model.document_masking finds documents by the BOS in front of each, but the data was "
+                          "prepared without it (its manifest says bos: false); prepare it with bos: true")
+    if not isinstance(strategy, ModelParallelStrategy):
+        return parallel.build(config, switches, strategy.root_device if strategy is not None else None, bos_id)
+    precision = str(trainer.precision)
+    if precision in ("bf16-true", "16-true"):
+        raise ConfigError(
+            f"trainer.precision {precision} with FSDP2 would keep the master weights and AdamW state in "
+            f"{precision.split('-')[0]} as well; use {precision.replace('true', 'mixed')} (FSDP2 computes and "
+            "gathers parameters in that dtype, keeps fp32 master weights and reduces gradients in fp32)")
+    param_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    mesh = getattr(strategy, "fsdp_mesh", None) or strategy.device_mesh["data_parallel"]
+    return parallel.build_sharded(config, mesh, strategy.root_device, param_dtype,
+                                  getattr(strategy, "gather_once_per_step", True), switches, bos_id)
