@@ -1,7 +1,8 @@
 """Run by tests/train/test_muon.py under torch.distributed.run with 2 processes (gloo): the same model
 plain on each rank and sharded with FSDP2 over both, the same full gradients given to each, three
-optimizer steps of `model.optim.optimizer: muon`; rank 0 writes, per parameter, the largest
-difference between the sharded and the plain weights.
+optimizer steps of `model.optim.optimizer: muon`, with the Newton-Schulz iteration in bf16 and in
+fp32; rank 0 writes, per precision and parameter, the largest difference between the sharded and the
+plain weights.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train/muon_sharded_step.py OUT.json
 """
@@ -19,8 +20,7 @@ from tinytrain.model.llama import Llama, LlamaConfig
 from tinytrain.train.optim import OptimConfig, build_optimizer
 
 
-def main(out: str) -> None:
-    dist.init_process_group("gloo")
+def steps(ns_dtype: str) -> dict[str, float]:
     torch.manual_seed(0)
     config = LlamaConfig.from_name("ci", intermediate_size=96)  # a tall, a wide and square matrices
     plain = Llama(config)
@@ -30,7 +30,8 @@ def main(out: str) -> None:
     for block in sharded.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
-    o = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_weight_decay=0.01, warmup_steps=0)
+    o = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_weight_decay=0.01, warmup_steps=0,
+                    muon_ns_dtype=ns_dtype)
     optimizers = build_optimizer(plain, o), build_optimizer(sharded, o)
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
@@ -42,9 +43,13 @@ def main(out: str) -> None:
             for group, ratio in zip(opt.param_groups, opt.lr_ratios):
                 group["lr"] = 1e-3 * ratio
             opt.step()
-    report = {}
-    for (name, p), (_, q) in zip(plain.named_parameters(), sharded.named_parameters()):
-        report[name] = float((q.full_tensor() - p.detach()).abs().max())
+    return {name: float((q.full_tensor() - p.detach()).abs().max())
+            for (name, p), (_, q) in zip(plain.named_parameters(), sharded.named_parameters())}
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    report = {ns_dtype: steps(ns_dtype) for ns_dtype in ("bfloat16", "float32")}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(report, f)

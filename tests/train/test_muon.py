@@ -43,7 +43,8 @@ def test_one_step_is_pytorchs_adamw_and_muon():
     model = Llama(LlamaConfig.from_name("ci"))
     twin = Llama(LlamaConfig.from_name("ci"))
     twin.load_state_dict(model.state_dict())
-    config = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_weight_decay=0.01, warmup_steps=0)
+    config = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_weight_decay=0.01, warmup_steps=0,
+                         muon_ns_dtype="bfloat16")
     ours = build_optimizer(model, config)
     hidden = [p for n, p in twin.named_parameters() if n.startswith("layers.") and p.ndim == 2]
     rest = [p for n, p in twin.named_parameters() if not (n.startswith("layers.") and p.ndim == 2)]
@@ -69,6 +70,65 @@ def test_one_step_is_pytorchs_adamw_and_muon():
     assert again.adamw.state is again.state and again.muon.state is again.state
     assert torch.equal(again.state[model.layers[0].mlp.up_proj.weight]["momentum_buffer"],
                        ours.state[model.layers[0].mlp.up_proj.weight]["momentum_buffer"])
+
+
+def test_newton_schulz_in_fp32_is_the_same_iteration_with_less_rounding():
+    """orthogonalise in fp32 follows PyTorch's bf16 iteration (the same steps, coefficients and
+    orientation), to fp32's rounding where PyTorch's is to bf16's; both give near-orthogonal matrices."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
+
+    from tinytrain.train.muon import orthogonalise
+
+    coefficients = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    torch.manual_seed(0)
+    for shape in ((48, 80), (80, 48)):  # wide and tall
+        g = torch.randn(shape)
+        exact = orthogonalise(g.double(), coefficients, 5, EPS, torch.float64)
+        fp32 = orthogonalise(g, coefficients, 5, EPS, torch.float32)
+        bf16 = orthogonalise(g, coefficients, 5, EPS, torch.bfloat16)
+        assert fp32.dtype == torch.float32 and fp32.shape == shape
+        assert torch.equal(bf16, _zeropower_via_newtonschulz(g, coefficients, 5, EPS))
+        err32, err16 = (fp32.double() - exact).abs().max(), (bf16.double() - exact).abs().max()
+        assert err32 < 1e-5 and err16 < 0.05 and err32 < err16 / 100, (err32, err16)
+        singular = torch.linalg.svdvals(fp32)
+        assert 0.4 < singular.min() and singular.max() < 1.6, singular
+
+
+def test_a_step_with_fp32_newton_schulz_is_muons_formula():
+    """ns_dtype float32 on plain tensors: Nesterov momentum, orthogonalised in fp32, decoupled weight
+    decay, the learning rate scaled by shape (PyTorch's Muon step, with the iteration in fp32)."""
+    import math
+
+    from tinytrain.train.muon import ShardedMuon, orthogonalise
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 48))
+    expected, buf = p.detach().clone(), torch.zeros(32, 48)
+    opt = ShardedMuon([p], ns_dtype=torch.float32, lr=0.02, weight_decay=0.01, momentum=0.95, nesterov=True)
+    group = opt.param_groups[0]
+    for _ in range(2):
+        g = torch.randn(32, 48)
+        p.grad = g.clone()
+        opt.step()
+        buf.lerp_(g, 0.05)
+        update = orthogonalise(g.lerp(buf, 0.95), group["ns_coefficients"], 5, group["eps"], torch.float32)
+        expected.mul_(1 - 0.02 * 0.01).add_(update, alpha=-0.02 * math.sqrt(max(1, 32 / 48)))
+    assert torch.equal(p.detach(), expected)
+
+
+def test_newton_schulz_precision_follows_the_device_or_the_recipe():
+    from tinytrain.errors import ConfigError
+    from tinytrain.train.optim import muon_ns_dtype
+
+    cpu = torch.device("cpu")
+    amx = torch.cpu._is_amx_tile_supported()
+    assert muon_ns_dtype(OptimConfig(optimizer="muon"), cpu) == (torch.bfloat16 if amx else torch.float32)
+    assert muon_ns_dtype(OptimConfig(optimizer="muon", muon_ns_dtype="float32"), cpu) == torch.float32
+    assert muon_ns_dtype(OptimConfig(optimizer="muon", muon_ns_dtype="bfloat16"), cpu) == torch.bfloat16
+    opt = build_optimizer(Llama(LlamaConfig.from_name("ci")), OptimConfig(optimizer="muon", muon_ns_dtype="float32"))
+    assert opt.muon.ns_dtype == torch.float32
+    with pytest.raises(ConfigError, match="muon_ns_dtype must be one of auto, bfloat16, float32, got 'fp8'"):
+        OptimConfig(optimizer="muon", muon_ns_dtype="fp8")
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +176,13 @@ def test_the_sharded_step_is_the_single_process_step(tmp_path):
                            str(Path(__file__).parent / "muon_sharded_step.py"), str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    diff = json.loads(out.read_text())
-    hidden = [n for n in diff if n.startswith("layers.") and n.endswith("proj.weight")]
-    assert len(hidden) == 14
-    assert all(diff[n] == 0.0 for n in hidden), {n: diff[n] for n in hidden if diff[n]}
-    assert max(diff.values()) < 1e-6, diff
+    report = json.loads(out.read_text())
+    assert sorted(report) == ["bfloat16", "float32"]  # the Newton-Schulz iteration's precisions
+    for diff in report.values():
+        hidden = [n for n in diff if n.startswith("layers.") and n.endswith("proj.weight")]
+        assert len(hidden) == 14
+        assert all(diff[n] == 0.0 for n in hidden), {n: diff[n] for n in hidden if diff[n]}
+        assert max(diff.values()) < 1e-6, diff
 
 
 @pytest.mark.slow

@@ -43,15 +43,14 @@ def automatic_precision(accelerator: str) -> str:
     elsewhere (older CPUs, where bf16 autocast is slower than fp32, and Apple MPS, unmeasured)."""
     import torch
 
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        choice, why = ("bf16-mixed", "a CUDA GPU with bf16") if torch.cuda.is_bf16_supported() else \
-            ("32-true", "a CUDA GPU without bf16")
-    elif accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
-        choice, why = "32-true", "Apple MPS"
-    elif torch.cpu._is_amx_tile_supported():
-        choice, why = "bf16-mixed", "a CPU with AMX bf16 tiles"
+    from tinytrain.train.parallel import bf16_is_fast
+
+    cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if not cuda and accelerator in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
+        fast, why = False, "Apple MPS"
     else:
-        choice, why = "32-true", "a CPU without AMX, where bf16 is slower than fp32"
+        fast, why = bf16_is_fast("cuda" if cuda else "cpu")
+    choice = "bf16-mixed" if fast else "32-true"
     if rank_zero_only.rank == 0:
         log.info("trainer.precision: %s (null picks it: %s)", choice, why)
     return choice

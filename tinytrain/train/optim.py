@@ -27,6 +27,7 @@ COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
+MUON_NS_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass
@@ -74,6 +75,9 @@ class OptimConfig:
     muon_adjust_lr: str = "original"
     """muon: how the learning rate scales with a matrix's shape: original (x sqrt(max(1, rows / cols)),
     Keller Jordan's) or match_rms_adamw (x 0.2 sqrt(max(rows, cols)), Moonlight's: updates of AdamW's size)."""
+    muon_ns_dtype: str = "auto"
+    """muon: the Newton-Schulz iteration's precision: bfloat16 (PyTorch's), float32, or auto: bfloat16 where
+    the device multiplies it fast (CUDA, CPUs with AMX), float32 elsewhere (where bf16 is emulated)."""
 
     def __post_init__(self) -> None:
         problems = [f"{key} must be >= 0, got {getattr(self, key)}" for key in
@@ -104,6 +108,8 @@ class OptimConfig:
             problems.append(f"muon_ns_steps must be in [1, 99], got {self.muon_ns_steps}")
         if self.muon_adjust_lr not in MUON_ADJUST_LR:
             problems.append(f"muon_adjust_lr must be one of {', '.join(MUON_ADJUST_LR)}, got {self.muon_adjust_lr!r}")
+        if self.muon_ns_dtype not in MUON_NS_DTYPES:
+            problems.append(f"muon_ns_dtype must be one of {', '.join(MUON_NS_DTYPES)}, got {self.muon_ns_dtype!r}")
         if problems:
             raise ConfigError("; ".join(f"model.optim.{p}" for p in problems))
 
@@ -148,7 +154,17 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
     from tinytrain.train.muon import MuonAdamW, ShardedMuon, split_parameters
 
     hidden, rest = split_parameters(model)
-    muon = ShardedMuon(hidden, lr=o.muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum,
+    muon = ShardedMuon(hidden, ns_dtype=muon_ns_dtype(o, hidden[0].device if hidden else torch.device("cpu")),
+                       lr=o.muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum,
                        nesterov=True, ns_steps=o.muon_ns_steps,
                        adjust_lr_fn=None if o.muon_adjust_lr == "original" else o.muon_adjust_lr)
     return MuonAdamW(adamw(model, o, rest), muon, muon_lr_ratio=o.muon_lr / o.lr if o.lr > 0 else 0.0)
+
+
+def muon_ns_dtype(o: OptimConfig, device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz iteration on ``device``: the recipe's, or by the device for auto."""
+    if o.muon_ns_dtype == "auto":
+        from tinytrain.train.parallel import bf16_is_fast
+
+        return torch.bfloat16 if bf16_is_fast(device.type)[0] else torch.float32
+    return getattr(torch, o.muon_ns_dtype)
