@@ -243,3 +243,42 @@ def test_tiny_quality_benchmark_times_scores_and_measures_the_compressors(code_c
         # the held-out modules repeat the training modules' patterns: reading those first helps
         assert 0 < after < alone < 8, (name, alone, after)
     assert figures["zlib -9"] > 0 and figures["bz2 -9"] > 0
+
+
+def test_muon_step_benchmark_times_both_optimizers_on_the_same_model(tmp_path):
+    result = run_benchmark("muon_step.py", "--preset", "ci", "--layers", "1", "--tokens", "16", "--rounds", "2",
+                           out=tmp_path / "muon.json", timeout=300)
+    assert result["layers"] == 1 and result["full_depth"] == 2 and result["hidden_matrices"] == 7
+    assert set(result["all_s"]) == {"forward_backward", "adamw", "muon_float32", "muon_bfloat16"}
+    assert all(len(v) == 2 and min(v) > 0 for v in result["all_s"].values())
+    median = result["median_s"]
+    for name in ("muon_float32", "muon_bfloat16"):
+        assert result["over_adamw_step"][name] == pytest.approx(median[name] / median["adamw"])
+        assert result["extra_s_full_depth"][name] == pytest.approx(2 * (median[name] - median["adamw"]))
+    assert result["newton_schulz_flops_full_depth"] == 2 * result["newton_schulz_flops"]
+
+
+def test_newton_schulz_flops_at_tinyllama_shape():
+    """The README's figure: five iterations on the 154 hidden matrices of TinyLlama are 4.8e13 FLOPs."""
+    from benchmarks.muon_step import newton_schulz_flops
+    from tinytrain.model.llama import LlamaConfig
+    from tinytrain.train.muon import is_hidden_matrix
+
+    shapes = [s for n, s in LlamaConfig.from_name("tinyllama-1.1b").parameter_shapes().items()
+              if is_hidden_matrix(n, len(s))]
+    assert len(shapes) == 154
+    assert newton_schulz_flops(shapes, 5) == pytest.approx(4.8e13, rel=0.02)
+    assert newton_schulz_flops([(3, 5)], 1) == 4 * 9 * 5 + 2 * 27  # m = 3 the shorter side
+
+
+def test_tiny_levers_benchmark_gives_each_variant_the_seconds_its_probed_speed_buys(code_corpus, tmp_path):
+    result = run_benchmark("tiny_levers.py", "--recipe", str(ROOT / "recipes" / "ci.yaml"), "--corpus",
+                           str(code_corpus), "--val_fraction", "0.1", "--seconds", "0.001", "--probe_steps", "10",
+                           "--only", "adamw", "--", "--data.corpus", str(code_corpus), "--data.val_fraction", "0.1",
+                           "--trainer.val_check_interval", "5", "--checkpoint.every_n_steps", "10",
+                           out=tmp_path / "levers.json", timeout=600)
+    row = result["rows"]["adamw"]
+    assert row["probe_tokens_per_s"] > 0 and row["steps"] == 10  # the fewest steps a variant gets
+    assert row["tokens"] == 10 * 16 * 64 and row["bits_per_byte"] > 0
+    assert [r["step"] for r in row["validation_timeline"]] == [5, 10] and row["val_bpb_last"] > 0
+    assert result["bits_per_byte_minus_adamw"] == {"adamw": 0.0} and isinstance(result["amx"], bool)
