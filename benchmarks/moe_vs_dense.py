@@ -56,7 +56,8 @@ def alternating_speed(recipes: dict[str, str], rounds: int, steps: int) -> dict:
         r = yaml.safe_load(Path(recipe).read_text())
         torch.manual_seed(0)
         model = Llama(LlamaConfig(**r["model"]["config"])).train()
-        opt = build_optimizer(model, OptimConfig(**{k: v for k, v in r["model"]["optim"].items()}))
+        optim = {**r["model"]["optim"], "optimizer": "adamw"}  # the experts take AdamW only: both do
+        opt = build_optimizer(model, OptimConfig(**optim))
         seq, batch = r["data"]["seq_len"], r["data"]["micro_batch_size"]
         tokens = torch.randint(0, model.config.vocab_size, (1, batch, seq + 1))
         setups[name] = (model, opt, tokens)
@@ -102,7 +103,8 @@ def main(argv=None) -> dict:
 
     corpus = Path(args.corpus) if args.corpus else stdlib_dir()
     texts = held_out_texts(corpus, args.val_fraction)
-    extra = [*(["--data.corpus", str(corpus)] if args.corpus else []),
+    extra = ["--model.optim.optimizer", "adamw",  # Muon refuses the experts' 3-D weights: both models on AdamW
+             *(["--data.corpus", str(corpus)] if args.corpus else []),
              *(["--trainer.max_steps", str(args.steps), "--model.optim.decay_steps", str(args.steps)] if args.steps
                else []), *fit_args]
     rows = {}

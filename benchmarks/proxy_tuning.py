@@ -94,7 +94,8 @@ def fit(work: Path, name: str, data: Path, shape: tuple, scale: dict, steps: int
             "--trainer.max_steps", str(steps), "--model.optim.decay_steps", str(steps), "--model.optim.lr", str(lr),
             "--model.optim.min_lr", str(lr / 100), "--model.optim.warmup_steps", str(min(20, steps // 5)),
             "--trainer.val_check_interval", str(steps), "--checkpoint.every_n_steps", str(steps),
-            "--trainer.default_root_dir", run, "--trainer.logger.init_args.save_dir", run]
+            "--trainer.default_root_dir", run, "--trainer.logger.init_args.save_dir", run,
+            "--model.optim.optimizer", "adamw"]  # the recipe's shape and schedule, with the optimizer measured here
     if init_from is not None:
         args += ["--model.init_from", str(init_from), "--data.step_offset", "0"]
     env = {**os.environ, "TINYTRAIN_CACHE": str(work / "cache"), "WANDB_MODE": "offline"}
