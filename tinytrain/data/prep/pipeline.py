@@ -150,11 +150,13 @@ class _Progress:
         self.nbytes = self.documents = self.tokens = 0
         self.last = time.monotonic()
 
-    def add(self, nbytes: int = 0, documents: int = 0, tokens: int = 0, force: bool = False) -> None:
+    def add(self, nbytes: int = 0, documents: int = 0, tokens: int = 0, last_of: Optional[int] = None) -> None:
+        """Count; send when half a second has passed, or with ``last_of`` (a unit's id): the unit's last
+        report, which the parent waits for (a worker's queue may deliver it after the unit's result)."""
         self.nbytes, self.documents, self.tokens = self.nbytes + nbytes, self.documents + documents, self.tokens + tokens
         now = time.monotonic()
-        if self.send is not None and (force or now - self.last > 0.5):
-            self.send((self.nbytes, self.documents, self.tokens))
+        if self.send is not None and (last_of is not None or now - self.last > 0.5):
+            self.send((self.nbytes, self.documents, self.tokens, last_of))
             self.nbytes = self.documents = self.tokens = 0
             self.last = now
 
@@ -199,7 +201,7 @@ def run_unit(folder: str, plan: dict, unit: dict, tokenizer_path: str, strict: b
         val_entry = shards.write_shard(val_part_path(folder_p, unit["id"]), held, dtype) if held.size else None
     except OSError as e:
         raise _writing_error(e) from e
-    report.add(force=True)
+    report.add(last_of=unit["id"])
     kept = sum(r.counts["documents"] for r in reports) - too_short
     record = {"unit": unit["id"], "train": entries, "val_part": val_entry,
               "documents": {"train": train.documents, "val": kept - train.documents}, "bytes": text_bytes,
@@ -333,7 +335,7 @@ def prepare_source(source: Source, spec: PrepSpec, tokenizer: Tokenizer, executo
                 fut.cancel()
             raise
     if progress is not None:
-        progress.drain()
+        progress.drain(units={u["id"] for u in todo} if executor is not None else None)
         progress.close()
     if len(records) < len(plan["units"]):  # other tasks' units, finished since
         records.update(_finished_units(folder, source, plan, set()))

@@ -17,11 +17,14 @@ class Progress:
         from tqdm import tqdm
 
         self.docs = self.tokens = 0
+        self.finished: set[int] = set()  # units whose last report has arrived
         self.t0 = time.monotonic()
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=name, disable=not self.enabled,
                         file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, nbytes: int, docs: int, tokens: int) -> None:
+    def update(self, nbytes: int, docs: int, tokens: int, last_of: Optional[int] = None) -> None:
+        if last_of is not None:
+            self.finished.add(last_of)
         self.docs += docs
         self.tokens += tokens
         if self.bar is not None:
@@ -29,16 +32,21 @@ class Progress:
             rate = self.tokens / max(1e-9, time.monotonic() - self.t0)
             self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens:,} tokens, {rate:,.0f} tok/s", refresh=False)
 
-    def drain(self) -> None:
+    def drain(self, units: Optional[set[int]] = None) -> None:
+        """Count what the workers have reported; with ``units``, wait (up to 30 s) for the last report of
+        each, so the bar closes on the true totals."""
         if self.queue is None:
             return
         import queue as queue_mod
 
+        deadline = time.monotonic() + 30
         while True:
+            waiting = units is not None and not units <= self.finished and time.monotonic() < deadline
             try:
-                self.update(*self.queue.get_nowait())
+                self.update(*(self.queue.get(timeout=0.1) if waiting else self.queue.get_nowait()))
             except queue_mod.Empty:
-                return
+                if not waiting:
+                    return
 
     def close(self) -> None:
         if self.bar is not None:
