@@ -85,12 +85,12 @@ def job_state(job: str) -> str:
     return found.group(1) if found else ""
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def wait_until(predicate, timeout: float, what: str, every: float = 0.5) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -142,7 +142,8 @@ def test_a_signal_while_the_job_starts_requeues_without_a_lightning_checkpoint(s
                  "--data.val_fraction", "0.1", "--trainer.accelerator", "cpu", "--trainer.max_steps", "20",
                  "--trainer.num_sanity_val_steps", "2", "--model.compile", "true", tasks=1, cpus=2)
     wait_until(lambda: (tmp_path / f"slurm-tinytrain-{job}.out").exists()
-               and "Seed set to" in job_log(tmp_path, job), 300, "the command to start")
+               and "Seed set to" in job_log(tmp_path, job), 300, "the command to start",
+               every=0.05)  # the start-up window is a few seconds; on a loaded machine half a second of it counts
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     wait_for_job(job)
     log = job_log(tmp_path, job)
