@@ -23,6 +23,7 @@ from tinytrain.store.checkpoint import damage, latest_checkpoint, point_last, re
 from tinytrain.store.layout import STATE, step_dirs, step_of
 from tinytrain.store.rollbacks import Rollback, read_rollbacks, record_rollback
 from tinytrain.train.console import StepProgress
+from tinytrain.train.local_sgd import LocalSGD
 from tinytrain.train.spikes import RollbackRequest
 
 log = logging.getLogger("tinytrain")
@@ -65,6 +66,7 @@ class TinyTrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpointing, "checkpoint")
         parser.add_lightning_class_args(DownstreamEval, "eval")
+        parser.add_lightning_class_args(LocalSGD, "local_sgd")
         # The data must know the model's vocabulary (to train a tokenizer, to check token ids).
         parser.link_arguments("model.config.vocab_size", "data.vocab_size")
         # Checkpoints are ours (atomic folders + `last`); Lightning's ModelCheckpoint would write a second set.

@@ -23,6 +23,7 @@ TOKENIZER = shards.TOKENIZER      # the tokenizer, named as beside the data's ma
 CONFIG = "config.yaml"
 MODEL_PREFIX = "model."           # LitLlama holds the Llama as `self.model`: its keys in Lightning's state dict
 EMA_PREFIX = "ema."               # and the weights' moving average as `self.ema` (tinytrain.train.ema)
+OUTER_PREFIX = "outer."           # and Local SGD's global weights and momentum as `self.outer` (tinytrain.train.local_sgd)
 TMP_PREFIX = ".tmp-"              # a checkpoint being written
 FACTS = "tinytrain"               # tinytrain's own entry in Lightning's state: architecture, tokenizer, spikes
 

@@ -28,6 +28,7 @@ from tinytrain.store.rollbacks import Rollback
 from tinytrain.train import parallel
 from tinytrain.train.ema import WeightAverage, check_decay, match_saved_average
 from tinytrain.train.init_from import check_given, check_tokenizer, load_initial_weights
+from tinytrain.train.local_sgd import OuterState, check_islands, local_sgd_of
 from tinytrain.train.monitor import Throughput, log_step, process_description
 from tinytrain.train.optim import OptimConfig, build_optimizer
 from tinytrain.train.spikes import RollbackRequest, SpikeConfig, SpikeGuard
@@ -114,6 +115,8 @@ class LitLlama(L.LightningModule):
         self.automatic_optimization = False
         self.model: Optional[Llama] = None
         self.ema = None  # tinytrain.train.ema.WeightAverage when ema_decay is set
+        self.outer = None  # tinytrain.train.local_sgd.OuterState with local_sgd
+        self.local_sgd = None  # the run's tinytrain.train.local_sgd.LocalSGD, when enabled
         self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for val/bpb
         self._validation: Optional[ValidationPass] = None
         # What the model side knows of the data (sequence length, tokenizer, source names): read from
@@ -138,6 +141,9 @@ class LitLlama(L.LightningModule):
         self.model = model
         if self.ema_decay is not None:
             self.ema = WeightAverage(model, self.ema_decay)
+        self.local_sgd = local_sgd_of(trainer)
+        if self.local_sgd is not None:
+            self.outer = OuterState(model)
         sharded = trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
         log.info("model: %s%s", self.config.describe(), ", sharded with FSDP2" if sharded else "")
 
@@ -190,8 +196,12 @@ class LitLlama(L.LightningModule):
         moe.after_step(self.model, 0.0 if skipped else self.config.router_bias_update_rate)
         if self.ema is not None:
             self.ema.update(self.model, step)
+        if self.local_sgd is not None:
+            self.local_sgd.after_step(self, step)
         if should_log(self.trainer):  # the values written are the same as logging every step
             log_step(self, step, loss, lr, grad_norm, routing)
+            if self.local_sgd is not None:
+                self.local_sgd.log_figures(self, step)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -214,6 +224,8 @@ class LitLlama(L.LightningModule):
         spec = self.data_spec
         checkpoint[FACTS] = {"model_config": self.config.to_dict(),
                              "tokenizer_sha256": spec.tokenizer_sha256 if spec is not None else None}
+        if self.local_sgd is not None:
+            checkpoint[FACTS]["islands"] = self.local_sgd.islands.count
         if self.spike_guard is not None:
             checkpoint[FACTS]["spikes"] = self.spike_guard.state_dict()
 
@@ -221,6 +233,7 @@ class LitLlama(L.LightningModule):
         saved, spec = checkpoint.get(FACTS, {}), self.data_spec
         check_resumable(saved, self.config, spec.tokenizer_sha256 if spec is not None else None,
                         spec.tokenizer if spec is not None else None)
+        check_islands(saved.get("islands"), self.local_sgd.islands.count if self.local_sgd is not None else None)
         match_saved_average(checkpoint.get("state_dict"), self.model if self.ema is not None else None)
         if self.spike_guard is not None:
             self.spike_guard.load_state_dict(saved.get("spikes", {}))

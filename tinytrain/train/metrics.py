@@ -20,3 +20,6 @@ VAL_PPL = "val/ppl"
 VAL_BPB = "val/bpb"
 EVAL_SECONDS = "eval/seconds"
 EVAL_TINYLLAMA_AVERAGE = "eval/tinyllama/average"
+LOCAL_SGD_OUTER_STEPS = "local_sgd/outer_steps"  # rounds ended between islands (tinytrain.train.local_sgd)
+LOCAL_SGD_INNER_STEPS = "local_sgd/inner_steps"  # each island's steps per round (H)
+LOCAL_SGD_EXCHANGED_BYTES = "local_sgd/exchanged_bytes"  # pseudo-gradient bytes each island all-reduced so far

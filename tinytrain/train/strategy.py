@@ -3,12 +3,14 @@ and the model built as the run's strategy trains it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
-from tinytrain.errors import ConfigError
+from tinytrain.errors import CheckpointError, ConfigError
 from tinytrain.lightning_private import unwrap_optimizer
+from tinytrain.store.layout import OUTER_PREFIX
 
 if TYPE_CHECKING:
     from tinytrain.model.llama import Llama
@@ -49,6 +51,7 @@ class FSDP2(ModelParallelStrategy):
             raise ConfigError("trainer.strategy.shard_group_size is only used with trainer.strategy.hybrid: true")
         self.gather_once_per_step, self.hybrid, self.shard_group_size = gather_once_per_step, hybrid, shard_group_size
         self.fsdp_mesh = None
+        self.islands = None  # tinytrain.train.local_sgd.Islands: set with local_sgd, which also sets fsdp_mesh
 
     # Lightning builds the state dicts of a save with cpu_offload=True: a synchronous, pageable
     # device-to-host copy of every shard inside the step loop, before DCP (which copies to the host
@@ -59,15 +62,20 @@ class FSDP2(ModelParallelStrategy):
             return super().lightning_module_state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+        prefix = self.islands.key_prefix() if self.islands is not None else ""
+        # Local SGD: an island's own weights (and weight average) under its own keys; the global state once.
+        return {k if not prefix or k.startswith(OUTER_PREFIX) else prefix + k: v for k, v in state.items()}
 
     def optimizer_state(self, optimizer) -> dict:
         if not self._save_distributed_checkpoint:
             return super().optimizer_state(optimizer)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, unwrap_optimizer(optimizer),
-                                        options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+        state = get_optimizer_state_dict(self.model, unwrap_optimizer(optimizer),
+                                         options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+        prefix = self.islands.key_prefix() if self.islands is not None else ""
+        return {prefix.rstrip("."): state} if prefix else state  # Local SGD: each island's inner optimizer
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         # Lightning's reader unpickles a sharded checkpoint's metadata and byte items as they come:
@@ -78,12 +86,62 @@ class FSDP2(ModelParallelStrategy):
 
         safeload.harden()
         try:
+            if self.islands is not None:
+                return self._load_island_checkpoint(Path(self.broadcast(checkpoint_path)), weights_only)
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         except CheckpointException as e:  # each rank's error, gathered: ours is one line
             inner = safeload.unwrap(e)
             if inner is None:
                 raise
             raise inner from None
+
+    def _load_island_checkpoint(self, path: Path, weights_only) -> dict:
+        """Local SGD's resume: this island's weights and inner optimizer from its own keys (island 0's,
+        or the only ones, of a checkpoint saved without islands), the global state from ``outer.*``
+        (started at the loaded weights when the checkpoint has none). Returns the non-tensor state."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from tinytrain.lightning_private import SHARDED_META
+
+        if not path.is_dir():
+            raise ConfigError(f"{path}: local_sgd resumes from sharded checkpoints only (this one is a single file); "
+                              "start from its weights with model.init_from instead")
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata  # flattened "state_dict.<key>"
+        prefix = self.islands.key_prefix()
+        own = bool(prefix) and any(k.startswith(f"state_dict.{prefix}") for k in saved)
+        has_outer = any(k.startswith(f"state_dict.{OUTER_PREFIX}") for k in saved)
+        module = self.lightning_module
+
+        def saved_key(k: str) -> str:
+            return prefix + k if own and not k.startswith(OUTER_PREFIX) else k
+
+        wanted = {k: v for k, v in get_model_state_dict(module).items() if has_outer or not k.startswith(OUTER_PREFIX)}
+        request = {"state_dict": {saved_key(k): v for k, v in wanted.items()}}
+        dcp.load(request, checkpoint_id=str(path))
+        missing, unexpected = module.load_state_dict({k: request["state_dict"][saved_key(k)] for k in wanted},
+                                                     strict=False)
+        missing = [k for k in missing if not k.startswith(OUTER_PREFIX)]
+        if (missing or unexpected) and module.strict_loading:
+            raise CheckpointError(f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        outer = module.outer
+        if not has_outer:  # a checkpoint saved without local_sgd: the global weights start at its weights
+            with torch.no_grad():
+                torch._foreach_copy_(outer.local_weights(), outer.locals_of(module.model))
+        outer.restored = has_outer
+        for i, optimizer in enumerate(self.optimizers):
+            state = get_optimizer_state_dict(module, optimizer)
+            key = prefix.rstrip(".")
+            request = {f"optimizer_{i}": {key: state} if own else state}
+            dcp.load(request, checkpoint_id=str(path))
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=request[f"optimizer_{i}"][key] if own
+                                     else request[f"optimizer_{i}"])
+        return torch.load(path / SHARDED_META, weights_only=weights_only)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
