@@ -34,6 +34,7 @@ from tinytrain.train.metrics import (
     TOKENS_PER_SEC,
     TOKENS_PER_SEC_PER_DEVICE,
     TRAIN_LOSS,
+    WALL_SECONDS,
 )
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ class Throughput(Callback):
         self.peak = peak              # FLOP/s of one device; None: looked up or measured at the start
         self._peak_measured = False   # True: a CPU measurement, which may be measured again
         self._last: Optional[tuple[float, float]] = None  # (end of the last step, busy seconds then)
+        self._started = time.perf_counter()  # when this process began training (reset in on_train_start)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
         device = pl_module.device
         if self.peak is None and device.type == "cuda":
             self.peak = peak_flops(torch.cuda.get_device_name(device))
@@ -92,6 +95,8 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now, busy = time.perf_counter(), self._busy(trainer)
         last, self._last = self._last, (now, busy)
+        if should_log(trainer):
+            pl_module.log(WALL_SECONDS, now - self._started)
         if last is None or not should_log(trainer):
             return
         spec = pl_module.data_spec
