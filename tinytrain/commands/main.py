@@ -17,7 +17,7 @@ from typing import Optional
 
 log = logging.getLogger("tinytrain")
 
-USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,average,plan,evaluate,plot} ...
+USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,average,plan,evaluate,plot,island-server} ...
 
   fit        train a recipe:      tinytrain fit --config recipes/tiny.yaml [--section.key value ...]
   validate   validation loss:     tinytrain validate --config recipes/tiny.yaml --ckpt_path CKPT
@@ -29,6 +29,7 @@ USAGE = """usage: tinytrain {fit,validate,prepare,generate,convert,consolidate,a
   plan       memory per GPU:      tinytrain plan --config RECIPE [--world_size N] [--gpu_memory_gib 80]
   evaluate   downstream tasks:    tinytrain evaluate CHECKPOINT --tasks tinyllama,arc_easy [--limit N] | --text FILES
   plot       curves of runs:      tinytrain plot RUN [RUN ...] [--out FILE.png]
+  island-server  asynchronous Local SGD's global weights: tinytrain island-server FOLDER [--port 29610]
 
 `tinytrain fit --help` lists every recipe key; `--print_config` shows the resolved recipe.
 """
@@ -84,6 +85,7 @@ def _expected() -> tuple[type, ...]:
 # need no Lightning (seconds of imports).
 MODULE_COMMANDS = {name: f"tinytrain.commands.{name}" for name in
                    ("prepare", "generate", "convert", "consolidate", "average", "plan", "evaluate", "plot")}
+MODULE_COMMANDS["island-server"] = "tinytrain.commands.island_server"
 
 
 def _run(command: str, argv: list[str], from_command_line: bool) -> None:

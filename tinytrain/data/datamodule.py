@@ -161,6 +161,9 @@ class TokenData(L.LightningDataModule):
         self.first_sample = self.origin[1]
         self.skipped_samples = 0  # by rollbacks after loss spikes (tinytrain.train.spikes)
         self.rollback_skip: Optional[RollbackSkip] = None  # the rollback a resume applies (set by `tinytrain fit`)
+        # (index, count) with asynchronous Local SGD: this job is island `index` of `count`, each a job of the same
+        # size, and its rank r reads the slice of rank index x world + r of count x world (set by local_sgd).
+        self.island_share: tuple[int, int] = (0, 1)
         for name in ("seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -339,6 +342,8 @@ class TokenData(L.LightningDataModule):
 
     def train_dataset(self, start_step: int, stop_step: Optional[int]) -> TrainSteps:
         rank, world = self._rank()
+        index, count = self.island_share  # asynchronous islands: this job's ranks are a share of a larger world
+        rank, world = index * world + rank, count * world
         return TrainSteps(self.order, self.global_batch_size, self.micro_batch_size, rank, world, start_step,
                           stop_step, vocab_size=self.vocab_size, origin=self.origin)
 

@@ -31,6 +31,22 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader (or a crash) sees the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file, or a folder's entries (renames, new names), to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -143,7 +143,7 @@ class LitLlama(L.LightningModule):
             self.ema = WeightAverage(model, self.ema_decay)
         self.local_sgd = local_sgd_of(trainer)
         if self.local_sgd is not None:
-            self.outer = OuterState(model)
+            self.outer = OuterState(model, momentum=self.local_sgd.mode == "sync")
         sharded = trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
         log.info("model: %s%s", self.config.describe(), ", sharded with FSDP2" if sharded else "")
 
