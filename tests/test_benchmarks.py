@@ -282,3 +282,22 @@ def test_tiny_levers_benchmark_gives_each_variant_the_seconds_its_probed_speed_b
     assert row["tokens"] == 10 * 16 * 64 and row["bits_per_byte"] > 0
     assert [r["step"] for r in row["validation_timeline"]] == [5, 10] and row["val_bpb_last"] > 0
     assert result["bits_per_byte_minus_adamw"] == {"adamw": 0.0} and isinstance(result["amx"], bool)
+
+
+def test_local_sgd_benchmarks_read_loss_against_wall_time_from_a_run(tmp_path):
+    """The two Local SGD benchmarks need root (namespaces, tc, cgroups) and minutes to run; what they
+    compute from a run's metrics is checked here on a written metrics file."""
+    from benchmarks import local_sgd, local_sgd_async
+
+    logs = tmp_path / "run" / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text(
+        "step,train/loss,train/wall_seconds,local_sgd/outer_steps,val/loss\n"
+        "9,5.0,1.5,1,\n9,,,,4.8\n19,4.0,3.0,2,\n19,,,,4.1\n29,3.5,4.5,3,\n29,,,,3.9\n")
+    points = local_sgd.curve(tmp_path / "run")
+    assert points == [(9, 1.5, 4.8), (19, 3.0, 4.1), (29, 4.5, 3.9)]
+    assert local_sgd.seconds_to(points, 4.1) == 3.0 and local_sgd.seconds_to(points, 3.0) is None
+    c = local_sgd_async.curve(tmp_path / "run")
+    assert [(p["step"], p["seconds"], p["updates"], p["val_loss"]) for p in c] == \
+        [(9, 1.5, 1.0, 4.8), (19, 3.0, 2.0, 4.1), (29, 4.5, 3.0, 3.9)]
+    assert local_sgd_async.last_step(tmp_path / "run") == 30
