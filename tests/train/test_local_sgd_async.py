@@ -138,6 +138,9 @@ def test_an_island_killed_and_restarted_rejoins_while_the_other_goes_on(tmp_path
         versions = dict(series(rows, "local_sgd/outer_steps"))
         assert max(versions.values()) > 12  # it saw the other island's updates too
         assert max(staleness.values()) >= 1  # and some of its pushes were stale
+    # Each island trained on half of each global batch (16 sequences of 64 tokens): so its tokens say.
+    tokens = dict(series(metric_rows(tmp_path / "island0" / "runs" / "ci"), "train/tokens"))
+    assert tokens[47] == 48 * 16 * 64 / 2
 
 
 @pytest.mark.slow

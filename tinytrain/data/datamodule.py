@@ -49,10 +49,13 @@ class DataSpec:
     """The tokenizer's BOS id."""
     bos_per_document: bool = True
     """Every document of the shards starts with BOS (the preparation's setting)."""
+    islands: int = 1
+    """Asynchronous Local SGD's island count: this job trains on 1/islands of every global batch."""
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
+        """Tokens this job trains on per optimizer step."""
+        return self.global_batch_size * self.seq_len // self.islands
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ class TokenData(L.LightningDataModule):
         """What the model side needs to know about the data, once it is open."""
         assert self.order is not None, "setup() first"
         return DataSpec(self.seq_len, self.global_batch_size, tuple(self.names), self.tokenizer, self.tokenizer_sha256,
-                        self.bos_id, self.bos_per_document)
+                        self.bos_id, self.bos_per_document, self.island_share[1])
 
     def open(self, world_size: int = 1) -> None:
         """Check and memory-map every source's splits; raise before any training on bad data."""
@@ -276,7 +279,9 @@ class TokenData(L.LightningDataModule):
     def tokens_trained(self, steps: int) -> int:
         """Tokens the first ``steps`` optimizer steps of this run trained on (every global batch size it
         had; samples skipped by a rollback after loss spikes not counted)."""
-        return (self.samples_before(steps) - self.first_sample - self.skipped_samples) * self.seq_len
+        # An asynchronous island trains on its share of each global batch only.
+        return (self.samples_before(steps) - self.first_sample - self.skipped_samples) * self.seq_len \
+            // self.island_share[1]
 
     def epochs_completed(self, steps: int) -> dict[str, float]:
         """Epochs of each source read by the first ``steps`` optimizer steps (fractional), with step_offset."""
