@@ -181,3 +181,34 @@ def test_an_asynchronous_island_of_two_processes_matches_one_synchronous_island(
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_island_with_other_settings_is_refused_by_name_and_the_run_goes_on(tmp_path):
+    """A real endpoint and clients in one process: the first island starts the run; one with another
+    outer lr, or another model, gets the server's reason as a one-line error; the first goes on."""
+    from tinytrain.errors import ConfigError
+    from tinytrain.train.island_server import IslandClient, serve
+
+    server = IslandServer(tmp_path)
+    endpoint = serve(server, 0)
+    clients = []
+    try:
+        first = IslandClient(endpoint.address(), 0, settings(), connect_seconds=30)
+        clients.append(first)
+        version, length, weights = first.join(torch.ones(8))
+        assert (version, length) == (0, 10) and torch.equal(weights, torch.ones(8))
+        other = IslandClient(endpoint.address(), 1, settings(outer_lr=0.5), connect_seconds=30)
+        clients.append(other)
+        with pytest.raises(ConfigError, match=r"outer_lr=0.5 \(the run's: 0.7\)"):
+            other.join(torch.ones(8))
+        bigger = IslandClient(endpoint.address(), 1, settings(), connect_seconds=30)
+        clients.append(bigger)
+        with pytest.raises(ConfigError, match="has 9 parameters, the run's 8"):
+            bigger.join(torch.ones(9))
+        version, staleness, length, weights = first.push(0, 10, 1.0, torch.full((8,), 0.5))
+        assert (version, staleness) == (1, 0) and server.outer.updates == 1
+        assert torch.allclose(weights, torch.ones(8) - 0.7 * (0.5 + 0.9 * 0.5))
+    finally:
+        for c in clients:
+            c.close()
+        endpoint._server.shutdown()

@@ -166,6 +166,21 @@ class IslandServer:
 
     # --- one exchange -----------------------------------------------------------------------------
 
+    def refusal(self, index: int, settings: OuterSettings, numel: int) -> Optional[str]:
+        """Why an island may not take part (None: it may): other settings, another model, a bad index."""
+        with self.lock:
+            if not 0 <= index < settings.islands:
+                return f"island index {index} is outside 0 to {settings.islands - 1}"
+            if self.outer is None:
+                return None
+            if settings != self.outer.settings:
+                theirs, ours = asdict(settings), asdict(self.outer.settings)
+                diff = ", ".join(f"{k}={theirs[k]} (the run's: {ours[k]})" for k in ours if theirs[k] != ours[k])
+                return f"island {index}'s local_sgd settings differ from the run's: {diff}"
+            if numel != self.outer.weights.numel():
+                return f"island {index}'s model has {numel:,} parameters, the run's {self.outer.weights.numel():,}"
+            return None
+
     def join(self, settings: OuterSettings, weights: Optional[torch.Tensor]) -> tuple[int, int, torch.Tensor]:
         """An island (re)joins: (version, its round length, the global weights). The first island's
         weights start the run when the server has none."""
@@ -245,28 +260,28 @@ def _answer(server: IslandServer, pg) -> None:
     settings_t = torch.zeros(7, dtype=torch.float64)
     pg.recv([settings_t], 1, 1).wait()
     settings = OuterSettings.from_tensor(settings_t)
-    if op == JOIN:
-        has = torch.zeros(1, dtype=torch.int64)
-        has[0] = int(server.outer is not None)
-        pg.send([has], 1, 2).wait()
-        weights = None
-        if server.outer is None:
-            weights = torch.empty(numel, dtype=torch.float32)
-            pg.recv([weights], 1, 3).wait()
-        version, length, weights = server.join(settings, weights)
-        if weights.numel() != numel:
-            raise ConfigError(f"island {index} has {numel} parameters, the run {weights.numel()}")
-        reply = torch.tensor([version, 0, length, 0, 0, 0, 0, 0], dtype=torch.int64)
-        pg.send([reply], 1, 4).wait()
-        pg.send([weights], 1, 5).wait()
-        return
-    if op != PUSH:
+    if op not in (JOIN, PUSH):
         raise ValueError(f"unknown operation {op}")
-    delta = torch.empty(numel, dtype=torch.float32)
-    pg.recv([delta], 1, 3).wait()
-    version, staleness, length, weights = server.push(index, version, steps, millis / 1000.0, delta)
-    reply = torch.tensor([version, staleness, length, 0, 0, 0, 0, 0], dtype=torch.int64)
-    pg.send([reply], 1, 4).wait()
+    incoming, has = None, server.outer is not None
+    if op == JOIN:
+        pg.send([torch.tensor([int(has)], dtype=torch.int64)], 1, 2).wait()
+    if op == PUSH or not has:  # a pseudo-gradient, or the weights that start the run
+        incoming = torch.empty(numel, dtype=torch.float32)
+        pg.recv([incoming], 1, 3).wait()
+    refusal = server.refusal(index, settings, numel) if op == JOIN or has else \
+        "the server holds no global weights (a new state folder?); an island joins a run from its start"
+    if refusal is not None:  # said to the island, which stops with it; the run goes on
+        message = torch.frombuffer(bytearray(refusal.encode()), dtype=torch.uint8)
+        pg.send([torch.tensor([-1, 0, 0, message.numel(), 0, 0, 0, 0], dtype=torch.int64)], 1, 4).wait()
+        pg.send([message], 1, 6).wait()
+        log.warning("island server: refused island %d: %s", index, refusal)
+        return
+    if op == JOIN:
+        version, length, weights = server.join(settings, incoming)
+        staleness = 0
+    else:
+        version, staleness, length, weights = server.push(index, version, steps, millis / 1000.0, incoming)
+    pg.send([torch.tensor([version, staleness, length, 0, 0, 0, 0, 0], dtype=torch.int64)], 1, 4).wait()
     pg.send([weights], 1, 5).wait()
 
 
@@ -328,6 +343,17 @@ class IslandClient:
                             str(e).splitlines()[0] if str(e) else e)
                 time.sleep(1.0)
 
+    def _reply(self, pg) -> torch.Tensor:
+        """The server's answer; its refusal (other settings, another model) raised as a ConfigError."""
+        reply = torch.zeros(HEADER, dtype=torch.int64)
+        pg.recv([reply], 0, 4).wait()
+        if int(reply[0]) < 0:
+            message = torch.empty(int(reply[3]), dtype=torch.uint8)
+            pg.recv([message], 0, 6).wait()
+            raise ConfigError(f"local_sgd.server {self.address} refused this island: "
+                              f"{bytes(message.tolist()).decode()}")
+        return reply
+
     def join(self, weights: torch.Tensor) -> tuple[int, int, torch.Tensor]:
         """(version, round length, global weights); ``weights`` start the run if the server has none."""
         def exchange(pg):
@@ -336,8 +362,7 @@ class IslandClient:
             pg.recv([has], 0, 2).wait()
             if not int(has[0]):
                 pg.send([weights], 0, 3).wait()
-            reply = torch.zeros(HEADER, dtype=torch.int64)
-            pg.recv([reply], 0, 4).wait()
+            reply = self._reply(pg)
             out = torch.empty_like(weights)
             pg.recv([out], 0, 5).wait()
             return int(reply[0]), int(reply[2]), out
@@ -349,8 +374,7 @@ class IslandClient:
         def exchange(pg):
             self._send_header(pg, PUSH, version, steps, seconds, delta.numel())
             pg.send([delta], 0, 3).wait()
-            reply = torch.zeros(HEADER, dtype=torch.int64)
-            pg.recv([reply], 0, 4).wait()
+            reply = self._reply(pg)
             out = torch.empty_like(delta)
             pg.recv([out], 0, 5).wait()
             return int(reply[0]), int(reply[1]), int(reply[2]), out
