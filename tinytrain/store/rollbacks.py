@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinytrain.errors import CheckpointError
+from tinytrain.store.fsutil import atomic_write_bytes
 
 ROLLBACKS = "rollbacks.json"
 
@@ -54,6 +55,4 @@ def record_rollback(folder: Path, rollback: Rollback) -> None:
     """Append a rollback to ``folder``/rollbacks.json (atomically)."""
     folder = Path(folder)
     entries = [r.to_json() for r in read_rollbacks(folder)] + [rollback.to_json()]
-    tmp = folder / (ROLLBACKS + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    tmp.replace(folder / ROLLBACKS)
+    atomic_write_bytes(folder / ROLLBACKS, (json.dumps(entries, indent=2) + "\n").encode())
