@@ -17,7 +17,6 @@ Added delay (tc netem) is used when the kernel has it (``--delay``); it is recor
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -79,18 +78,13 @@ def run_job(script: str, cwd: Path, env: dict, args: list[str]) -> dict:
 
 
 def curve(run: Path) -> list[tuple[int, float, float]]:
-    """(step, train/wall_seconds, val/loss) of each validation of the run at ``run``."""
-    seconds, losses = {}, {}
-    for path in sorted((run / "logs").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                step = int(row["step"])
-                if row.get("train/wall_seconds"):
-                    seconds[step] = float(row["train/wall_seconds"])
-                if row.get("val/loss"):
-                    losses[step] = float(row["val/loss"])
-    # A validation after step s is logged at s; the wall seconds logged at that step precede it.
-    return [(s, seconds.get(s, float("nan")), loss) for s, loss in sorted(losses.items())]
+    """(step, train/wall_seconds, val/loss) of each validation of the run at ``run``. A validation after
+    step s is logged at s; the wall seconds logged at that step precede it."""
+    from tinytrain.train.plot import read_run
+
+    metrics = read_run(run)
+    seconds = metrics.get("train/wall_seconds", {})
+    return [(s, seconds.get(s, float("nan")), loss) for s, loss in sorted(metrics.get("val/loss", {}).items())]
 
 
 def seconds_to(points: list[tuple[int, float, float]], target: float) -> float | None:

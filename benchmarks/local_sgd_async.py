@@ -19,7 +19,6 @@ global weights), the steps each island took, the updates the server applied. Nee
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import signal
@@ -83,29 +82,21 @@ def wait(proc: subprocess.Popen, what: str, cwd: Path, log_name: str) -> None:
                          f"{(cwd / log_name).read_text()[-4000:]}")
 
 
-def rows(run: Path) -> list[dict]:
-    found = []
-    for path in sorted((run / "logs").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            found += list(csv.DictReader(f))
-    return found
-
-
 def curve(run: Path) -> list[dict]:
     """Each validation of the run: step, training wall seconds, global updates seen, val/loss."""
-    by_step: dict[int, dict] = {}
-    for row in rows(run):
-        entry = by_step.setdefault(int(row["step"]), {})
-        for key in ("train/wall_seconds", "local_sgd/outer_steps", "val/loss"):
-            if row.get(key):
-                entry[key] = float(row[key])
-    return [{"step": s, "seconds": e.get("train/wall_seconds"), "updates": e.get("local_sgd/outer_steps"),
-             "val_loss": e["val/loss"]} for s, e in sorted(by_step.items()) if "val/loss" in e]
+    from tinytrain.train.plot import read_run
+
+    metrics = read_run(run)
+    seconds, updates = metrics.get("train/wall_seconds", {}), metrics.get("local_sgd/outer_steps", {})
+    return [{"step": s, "seconds": seconds.get(s), "updates": updates.get(s), "val_loss": loss}
+            for s, loss in sorted(metrics.get("val/loss", {}).items())]
 
 
 def last_step(run: Path) -> int:
-    steps = [int(r["step"]) for r in rows(run) if r.get("train/loss")]
-    return max(steps) + 1 if steps else 0
+    """The optimizer steps the run took (its last logged train/loss step + 1)."""
+    from tinytrain.train.plot import read_run
+
+    return max(read_run(run).get("train/loss", {-1: 0})) + 1
 
 
 def plot(results: dict, out: Path) -> Path | None:
