@@ -20,6 +20,7 @@ The server saves its state (weights, momentum, pending sum, counts, each island'
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -222,14 +223,19 @@ def require_torchft() -> None:
         raise ConfigError("local_sgd.mode async and tinytrain island-server need torchft: pip install -e \".[islands]\"")
 
 
-def serve(server: IslandServer, port: int):
-    """Start torchft's parameter-server endpoint on ``port`` (0: any) for ``server``; returns it (its
-    ``address()`` is what islands give as local_sgd.server)."""
+@functools.cache
+def _endpoint_class():
+    """torchft's ParameterServer over tinytrain's IslandServer: the server side runs one ``_answer`` loop
+    per session; its ``new_session`` is the island side's way in."""
     require_torchft()
     from torchft.parameter_server import ParameterServer
     from torchft.process_group import ProcessGroupGloo
 
     class Endpoint(ParameterServer):
+        def __init__(self, server: IslandServer, port: int) -> None:
+            self.island_server = server
+            super().__init__(port=port)
+
         @classmethod
         def new_process_group(cls):
             return ProcessGroupGloo(timeout=_TIMEOUT)
@@ -237,13 +243,19 @@ def serve(server: IslandServer, port: int):
         def forward(self, session_id: str, pg) -> None:
             try:
                 while True:
-                    _answer(server, pg)
+                    _answer(self.island_server, pg)
             except Exception as e:  # the island went away (or sent garbage): only its session ends
                 log.info("island session %s ended: %s", session_id[:8], str(e).splitlines()[0] if str(e) else e)
             finally:
                 pg.abort()
 
-    endpoint = Endpoint(port=port)
+    return Endpoint
+
+
+def serve(server: IslandServer, port: int):
+    """Start torchft's parameter-server endpoint on ``port`` (0: any) for ``server``; returns it (its
+    ``address()`` is what islands give as local_sgd.server)."""
+    endpoint = _endpoint_class()(server, port)
     # torchft runs a session inside its HTTP request; when the session ends the handler's reply goes to a
     # closed socket, and the HTTP server would print a traceback for what is an island leaving.
     endpoint._server.handle_error = lambda request, client: log.debug("session from %s closed", client)
@@ -294,21 +306,12 @@ class IslandClient:
 
     def _session(self):
         """A session with the server, retried until ``connect_seconds`` have passed."""
-        from torchft.process_group import ProcessGroupGloo
-
-        class Sessions:
-            @classmethod
-            def new_process_group(cls):
-                return ProcessGroupGloo(timeout=_TIMEOUT)
-
         if self.pg is not None:
             return self.pg
-        from torchft.parameter_server import ParameterServer
-
         deadline = time.monotonic() + self.connect_seconds
         while True:
             try:
-                self.pg = ParameterServer.new_session.__func__(Sessions, self.address)
+                self.pg = _endpoint_class().new_session(self.address)
                 return self.pg
             except OSError as e:
                 if time.monotonic() > deadline:
