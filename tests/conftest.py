@@ -153,6 +153,50 @@ def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 60
     return proc
 
 
+def tinytrain_in_process(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`tinytrain ARGS` called in this process: what run_tinytrain returns (exit code, stdout, stderr),
+    without a second interpreter that spends seconds importing Lightning. For refusals and other short
+    commands, where a process of its own is not what the test is about. The working folder, the
+    environment and torch's random state are restored afterwards; tinytrain's and Lightning's log lines
+    are captured in stderr, as a process's would be. A bug's exception becomes a traceback in stderr and
+    exit code 1, so `one_line` fails on it as on a process's."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from tinytrain.commands.main import main
+    from tinytrain.logs import setup_logging
+
+    setup_logging()
+    out, err = io.StringIO(), io.StringIO()
+    handlers = [h for name in ("tinytrain", "lightning.pytorch", "lightning.fabric")
+                for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler]
+    streams = [h.setStream(err) for h in handlers]
+    saved_env, saved_cwd, rng = dict(os.environ), os.getcwd(), torch.random.get_rng_state()
+    os.environ.update({"TINYTRAIN_CACHE": str(cwd / "cache"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                       **(env or {})})
+    code = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([*map(str, args)])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.random.set_rng_state(rng)
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+    return subprocess.CompletedProcess(["tinytrain", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def make_cli(*args):
     """The `fit` command's LightningCLI, parsed in-process from ``args`` without running anything."""
     from tinytrain.commands.main import TinyTrainCLI

@@ -94,6 +94,15 @@ class TinyTrainCLI(LightningCLI):
             ckpt_cb.lock = RunLock(folder)
             ckpt_cb.lock.acquire()
             atexit.register(ckpt_cb.lock.release)
+        try:
+            self._find_start(fit_config, folder, ckpt_cb, rank_zero)
+        except BaseException:
+            if ckpt_cb.lock is not None:
+                ckpt_cb.lock.release()  # a refused start leaves the run folder free at once
+            raise
+
+    def _find_start(self, fit_config: dict, folder: Path, ckpt_cb: Checkpointing, rank_zero: bool) -> None:
+        """Resume, branch or a fresh start: the state file fit begins from (fit_config["ckpt_path"])."""
         if fit_config.get("ckpt_path") is not None:
             fit_config["ckpt_path"] = checkpoint_state_path(fit_config["ckpt_path"])
         else:

@@ -148,6 +148,13 @@ class Checkpointing(Callback):
         if self._writer is not None:
             self._writer.close()
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A failed fit gives its run folder back now, once any background write has ended: a process
+        that goes on (a caller of `tinytrain.commands.main.main`) would otherwise hold it until it exits."""
+        self.teardown(trainer, pl_module, "fit")
+        if self.lock is not None:
+            self.lock.release()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._poll(trainer)
         if rollback_requested(pl_module):
