@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ci_args, run_tinytrain, small_tmpfs, tree_digest, write_code_corpus
+from conftest import ci_args, run_tinytrain, small_tmpfs, tinytrain_in_process, tree_digest, write_code_corpus
 
 from tinytrain.store.checkpoint import damage, latest_checkpoint, load_model_weights
 
@@ -49,8 +49,8 @@ def test_resume_with_a_different_model_config_is_refused(four_checkpoints, code_
     cwd = tmp_path / "copy"
     shutil.copytree(four_checkpoints, cwd, symlinks=True)
     before = tree_digest(cwd / "runs" / "ci" / "checkpoints")
-    proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "50", "--model.config.intermediate_size", "160"),
-                         cwd=cwd, check=False)
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "50", "--model.config.intermediate_size", "160"),
+                         cwd=cwd)
     assert proc.returncode != 0
     assert "model.config.intermediate_size: checkpoint 176, recipe 160" in proc.stderr
     assert tree_digest(cwd / "runs" / "ci" / "checkpoints") == before
@@ -61,7 +61,7 @@ def test_resume_with_a_different_tokenizer_is_refused(four_checkpoints, tmp_path
     shutil.copytree(four_checkpoints, cwd, symlinks=True)
     other = write_code_corpus(tmp_path / "other", files=60, seed=5)  # another corpus: another tokenizer
     before = tree_digest(cwd / "runs" / "ci" / "checkpoints")
-    proc = run_tinytrain(*ci_args(other, "--trainer.max_steps", "50"), cwd=cwd, check=False)
+    proc = tinytrain_in_process(*ci_args(other, "--trainer.max_steps", "50"), cwd=cwd)
     assert proc.returncode != 0 and "tokenized with tokenizer sha256" in proc.stderr
     assert tree_digest(cwd / "runs" / "ci" / "checkpoints") == before
 

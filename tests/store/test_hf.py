@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import RECIPES, run_tinytrain
+from conftest import RECIPES, run_tinytrain, tinytrain_in_process
 
 from tinytrain.data.tokenizer import Tokenizer
 from tinytrain.model.llama import Llama, LlamaConfig
@@ -243,8 +243,8 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
     again = run_tinytrain(*fit_args(5), cwd=tmp_path)
     assert "resuming from" in again.stderr and "model.init_from" in again.stderr and "initialised from" not in again.stderr
     # A recipe whose architecture differs from init_from's is refused, naming the field.
-    bad = run_tinytrain(*args[:-len(arch)], *arch[:-4], "--model.config.num_key_value_heads", "2",
-                        "--trainer.default_root_dir", "runs/bad", cwd=tmp_path, check=False)
+    bad = tinytrain_in_process(*args[:-len(arch)], *arch[:-4], "--model.config.num_key_value_heads", "2",
+                        "--trainer.default_root_dir", "runs/bad", cwd=tmp_path)
     assert bad.returncode != 0 and "model.config.num_key_value_heads: init_from 4, recipe 2" in bad.stderr
 
 

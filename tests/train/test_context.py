@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import RECIPES, ci_args, make_cli, metric_rows, run_tinytrain
+from conftest import RECIPES, ci_args, make_cli, metric_rows, run_tinytrain, tinytrain_in_process
 
 from tinytrain.errors import ConfigError
 from tinytrain.model.llama import Llama, LlamaConfig
@@ -115,8 +115,8 @@ def test_init_from_may_change_only_the_context_window(code_corpus, tmp_path):
     spans = sorted(k for r in rows for k, v in r.items() if k.startswith("val/loss_by_position/") and v)
     assert spans == [f"val/loss_by_position/{a:03d}-{b:03d}" for a, b in ((0, 63), (64, 127), (128, 191), (192, 255))]
 
-    bad = run_tinytrain(*ci_args(code_corpus, *longer, "--model.config.intermediate_size", "192",
-                                 "--trainer.default_root_dir", "runs/bad"), cwd=tmp_path, check=False)
+    bad = tinytrain_in_process(*ci_args(code_corpus, *longer, "--model.config.intermediate_size", "192",
+                                 "--trainer.default_root_dir", "runs/bad"), cwd=tmp_path)
     assert bad.returncode == 1
     assert "model.config.intermediate_size: init_from 176, recipe 192" in bad.stderr.strip().splitlines()[-1]
 

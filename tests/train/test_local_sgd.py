@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import torch
-from conftest import ci_args, metric_rows, one_line, run_tinytrain, series
+from conftest import ci_args, metric_rows, one_line, run_tinytrain, series, tinytrain_in_process
 
 from tinytrain.store.checkpoint import _load_state_entries
 from tinytrain.train.local_sgd import Islands, LocalSGD, OuterState, outer_step
@@ -159,6 +159,5 @@ def test_resuming_with_another_number_of_islands_is_refused(island_runs, tmp_pat
 
 @pytest.mark.slow
 def test_local_sgd_without_fsdp2_is_one_line(tmp_path, code_corpus):
-    proc = run_tinytrain(*ci_args(code_corpus, "--local_sgd.mode", "sync", "--trainer.max_steps", "2"), cwd=tmp_path,
-                         check=False)
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--local_sgd.mode", "sync", "--trainer.max_steps", "2"), cwd=tmp_path)
     assert "local_sgd needs --trainer.strategy fsdp2" in one_line(proc, "fit")

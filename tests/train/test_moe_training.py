@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ci_args, metric_rows, one_line, run_tinytrain, train_losses
+from conftest import ci_args, metric_rows, one_line, run_tinytrain, tinytrain_in_process, train_losses
 
 from tinytrain.store.checkpoint import load_model_weights
 
@@ -90,7 +90,7 @@ def test_a_moe_run_resumes_exactly(moe_runs, strategy):
     (("--model.optim.optimizer", "muon"), "optimizer muon orthogonalises 2-D matrices"),
 ])
 def test_what_training_refuses_with_experts(code_corpus, tmp_path, extra, message):
-    proc = run_tinytrain(*ci_args(code_corpus, *MOE, *extra, "--trainer.max_steps", "1"), cwd=tmp_path, check=False)
+    proc = tinytrain_in_process(*ci_args(code_corpus, *MOE, *extra, "--trainer.max_steps", "1"), cwd=tmp_path)
     assert message in one_line(proc, "fit")
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
 

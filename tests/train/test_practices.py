@@ -246,11 +246,11 @@ def test_a_cooldown_branch_continues_the_run_with_only_the_learning_rate_changed
 
 
 def test_a_branch_into_its_own_run_folder_is_refused(stable_run, code_corpus):
-    from conftest import ci_args, run_tinytrain
+    from conftest import ci_args, tinytrain_in_process
 
     cwd = stable_run
-    proc = run_tinytrain(*ci_args(code_corpus, *WSD, *run_folder("main"), "--checkpoint.branch_from",
-                                  "runs/main/checkpoints/step-00000020"), cwd=cwd, check=False)
+    proc = tinytrain_in_process(*ci_args(code_corpus, *WSD, *run_folder("main"), "--checkpoint.branch_from",
+                                  "runs/main/checkpoints/step-00000020"), cwd=cwd)
     assert proc.returncode == 1
     assert "is in this run's own checkpoint folder" in proc.stderr.strip().splitlines()[-1]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ci_args, metric_rows, run_tinytrain, series, tree_digest
+from conftest import ci_args, metric_rows, run_tinytrain, series, tinytrain_in_process, tree_digest
 
 
 def model_weights(checkpoint_dir):
@@ -93,12 +93,12 @@ def test_bad_corpus_stops_before_training_and_leaves_checkpoints_alone(trained, 
     run = cwd / "runs" / "ci"
     before = tree_digest(run / "checkpoints")
     missing = tmp_path / "no-such-corpus"
-    proc = run_tinytrain(*ci_args(missing, "--trainer.max_steps", "60"), cwd=cwd, check=False)
+    proc = tinytrain_in_process(*ci_args(missing, "--trainer.max_steps", "60"), cwd=cwd)
     assert proc.returncode != 0
     assert f"corpus folder {missing} does not exist" in proc.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_tinytrain(*ci_args(empty, "--trainer.max_steps", "60"), cwd=cwd, check=False)
+    proc = tinytrain_in_process(*ci_args(empty, "--trainer.max_steps", "60"), cwd=cwd)
     assert proc.returncode != 0 and f"corpus folder {empty} holds no text files" in proc.stderr
     assert tree_digest(run / "checkpoints") == before
     assert os.readlink(run / "checkpoints" / "last") == "step-00000040"
@@ -106,8 +106,8 @@ def test_bad_corpus_stops_before_training_and_leaves_checkpoints_alone(trained, 
 
 def test_vocab_smaller_than_the_shards_is_refused(prepared, tmp_path):
     before = tree_digest(prepared)
-    proc = run_tinytrain("fit", "--config", ci_args(prepared)[2], "--data.path", prepared,
-                         "--model.config.vocab_size", "300", cwd=tmp_path, check=False)
+    proc = tinytrain_in_process("fit", "--config", ci_args(prepared)[2], "--data.path", prepared,
+                         "--model.config.vocab_size", "300", cwd=tmp_path)
     assert proc.returncode != 0
     assert "train-000000-00000.bin: holds token id" in proc.stderr and "vocab_size is 300" in proc.stderr
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
