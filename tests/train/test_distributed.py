@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ci_args, processes, run_tinytrain, train_losses
+from conftest import ci_args, processes, run_tinytrain, tinytrain_in_process, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -38,23 +38,31 @@ def runner(tmp_path_factory, code_corpus):
     return run
 
 
+def _initial_weights(cwd, code_corpus, *strategy):
+    """The weights after one step at learning rate 0: the initial ones."""
+    from tinytrain.store.checkpoint import load_model_weights
+
+    cwd.mkdir()
+    run_tinytrain(*ci_args(code_corpus, *strategy, "--trainer.max_steps", "1", "--model.optim.lr", "0",
+                           "--data.micro_batch_size", "4"), cwd=cwd)
+    return load_model_weights(cwd / "runs" / "ci" / "checkpoints" / "step-00000001")
+
+
+@pytest.fixture(scope="module")
+def plain_initial(tmp_path_factory, code_corpus):
+    """A plain single-device run's initial weights, shared by the world sizes below."""
+    return _initial_weights(tmp_path_factory.mktemp("plain-initial") / "plain", code_corpus)
+
+
 @pytest.mark.parametrize("world", ["1", "2", "4"])
-def test_a_seeded_run_starts_from_the_same_weights_at_any_world_size(code_corpus, tmp_path, world):
+def test_a_seeded_run_starts_from_the_same_weights_at_any_world_size(plain_initial, code_corpus, tmp_path, world):
     """One step at learning rate 0 keeps the initial weights: FSDP2 on 1, 2 and 4 processes and a
     plain single-device run hold the same ones, to the bit."""
     import torch
 
-    from tinytrain.store.checkpoint import load_model_weights
-
-    def initial(name, *strategy):
-        cwd = tmp_path / name
-        cwd.mkdir()
-        run_tinytrain(*ci_args(code_corpus, *strategy, "--trainer.max_steps", "1", "--model.optim.lr", "0",
-                               "--data.micro_batch_size", "4"), cwd=cwd)
-        return load_model_weights(cwd / "runs" / "ci" / "checkpoints" / "step-00000001")
-
-    plain = initial("plain")
-    sharded = initial(f"fsdp2-{world}", "--trainer.strategy", "fsdp2", "--trainer.devices", world)
+    plain = plain_initial
+    sharded = _initial_weights(tmp_path / f"fsdp2-{world}", code_corpus, "--trainer.strategy", "fsdp2",
+                               "--trainer.devices", world)
     assert sorted(sharded) == sorted(plain)
     for k in plain:
         assert torch.equal(sharded[k], plain[k]), k
@@ -154,8 +162,9 @@ def test_fsdp2_gathers_once_per_step_and_syncs_the_host_only_when_logging(code_c
 
 
 def test_world_size_that_does_not_divide_the_global_batch(code_corpus, tmp_path):
-    proc = run_tinytrain(*ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.devices", "2",
-                                  "--data.micro_batch_size", "3"), cwd=tmp_path, check=False)
+    # refused before the second process starts, so in this process
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--trainer.strategy", "fsdp2", "--trainer.devices", "2",
+                                         "--data.micro_batch_size", "3"), cwd=tmp_path)
     assert proc.returncode != 0
     assert "global_batch_size=16 is not divisible by data.micro_batch_size=3 x world size 2 = 6" in proc.stderr
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()

@@ -275,7 +275,7 @@ def test_resume_refuses_a_different_data_stream(trained, code_corpus, tmp_path):
     for extra, expected in ((["--data.seq_len", "32"], "data.seq_len: checkpoint 64, recipe 32"),
                             (["--data.seed", "1"], "data.seed: checkpoint 3407, recipe 1"),
                             (["--data.global_batch_size", "32"], "data.global_batch_size is 32, the checkpoint's is 16")):
-        proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "60", *extra), cwd=work, check=False)
+        proc = tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "60", *extra), cwd=work)
         assert proc.returncode == 1, proc.stderr[-2000:]
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith("tinytrain fit: error: ") and expected in line, line

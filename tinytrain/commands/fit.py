@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from tinytrain.data.datamodule import RollbackSkip
+from tinytrain.data.order import grad_accumulation
 from tinytrain.errors import ConfigError, TrainingError
 from tinytrain.eval.loop import DownstreamEval
 from tinytrain.run import preemption
@@ -90,6 +91,9 @@ class TinyTrainCLI(LightningCLI):
         ckpt_cb = self._checkpointing()
         folder = ckpt_cb.folder(self.trainer)
         rank_zero = rank_zero_only.rank == 0  # from the environment: the strategy has not set ranks up yet
+        # Before the launcher starts the other processes (the data module checks it again once open).
+        dm = self.datamodule
+        grad_accumulation(dm.global_batch_size, dm.micro_batch_size, self.trainer.num_devices * self.trainer.num_nodes)
         if rank_zero:  # before anything in the run folder is read or changed: one writer per run folder
             ckpt_cb.lock = RunLock(folder)
             ckpt_cb.lock.acquire()
