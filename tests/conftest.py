@@ -75,7 +75,7 @@ def ci_run(tmp_path_factory, code_corpus):
     run folder, the finished process). Shared by every test that only reads a trained run: tests that
     change it copy it first."""
     cwd = tmp_path_factory.mktemp("ci-run")
-    proc = run_tinytrain(*ci_args(code_corpus), cwd=cwd)
+    proc = run_tinytrain(*ci_args(code_corpus), cwd=cwd)  # a process of its own: tests read its console
     return cwd, cwd / "runs" / "ci", proc
 
 
@@ -153,13 +153,15 @@ def run_tinytrain(*args, cwd: Path, env: dict | None = None, timeout: float = 60
     return proc
 
 
-def tinytrain_in_process(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def tinytrain_in_process(*args, cwd: Path, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """`tinytrain ARGS` called in this process: what run_tinytrain returns (exit code, stdout, stderr),
     without a second interpreter that spends seconds importing Lightning. For refusals and other short
     commands, where a process of its own is not what the test is about. The working folder, the
     environment and torch's random state are restored afterwards; tinytrain's and Lightning's log lines
     are captured in stderr, as a process's would be. A bug's exception becomes a traceback in stderr and
-    exit code 1, so `one_line` fails on it as on a process's."""
+    exit code 1, so `one_line` fails on it as on a process's; with check=True a non-zero exit fails the test.
+    Not for runs of several processes (Lightning's launcher would start this interpreter's command again),
+    nor for what needs a process: signals, a kill, an exec after a rollback, wandb."""
     import contextlib
     import io
     import logging
@@ -194,6 +196,9 @@ def tinytrain_in_process(*args, cwd: Path, env: dict | None = None) -> subproces
         torch.random.set_rng_state(rng)
         for handler, stream in zip(handlers, streams):
             handler.setStream(stream)
+    if check and code != 0:
+        raise AssertionError(f"tinytrain {' '.join(map(str, args))} failed ({code}):\n{out.getvalue()[-3000:]}\n"
+                             f"{err.getvalue()[-6000:]}")
     return subprocess.CompletedProcess(["tinytrain", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import RECIPES, ROOT, metric_rows, run_tinytrain, series
+from conftest import RECIPES, ROOT, metric_rows, run_tinytrain, series, tinytrain_in_process
 
 pytest.importorskip("lm_eval")
 
@@ -67,11 +67,11 @@ def setting(tmp_path_factory):
     corpus = write_pattern_corpus(root / "facts")
     tasks = write_tasks(root / "tasks")
     common = ["fit", "--config", RECIPES / "ci.yaml", "--data.corpus", corpus, "--data.val_fraction", "0.1"]
-    run_tinytrain(*common, "--trainer.max_steps", "200", "--model.optim.decay_steps", "200",
-                  "--checkpoint.every_n_steps", "200", "--trainer.default_root_dir", "runs/trained",
-                  "--trainer.logger.init_args.save_dir", "runs/trained", cwd=root)
-    run_tinytrain(*common, "--trainer.max_steps", "1", "--model.optim.lr", "0", "--trainer.default_root_dir",
-                  "runs/random", "--trainer.logger.init_args.save_dir", "runs/random", cwd=root)
+    tinytrain_in_process(*common, "--trainer.max_steps", "200", "--model.optim.decay_steps", "200",
+                         "--checkpoint.every_n_steps", "200", "--trainer.default_root_dir", "runs/trained",
+                         "--trainer.logger.init_args.save_dir", "runs/trained", cwd=root, check=True)
+    tinytrain_in_process(*common, "--trainer.max_steps", "1", "--model.optim.lr", "0", "--trainer.default_root_dir",
+                         "runs/random", "--trainer.logger.init_args.save_dir", "runs/random", cwd=root, check=True)
     return root, tasks
 
 

@@ -19,7 +19,8 @@ from tinytrain.store.checkpoint import damage, latest_checkpoint, load_model_wei
 @pytest.fixture(scope="module")
 def four_checkpoints(tmp_path_factory, code_corpus):
     cwd = tmp_path_factory.mktemp("ckpts")
-    run_tinytrain(*ci_args(code_corpus, "--checkpoint.every_n_steps", "10", "--checkpoint.keep_last", "0"), cwd=cwd)
+    tinytrain_in_process(*ci_args(code_corpus, "--checkpoint.every_n_steps", "10", "--checkpoint.keep_last", "0"),
+                         cwd=cwd, check=True)
     return cwd
 
 
@@ -37,8 +38,8 @@ def test_damaged_checkpoints_are_skipped_with_a_warning(four_checkpoints, code_c
     assert "state.ckpt has 1000 bytes" in damage(ckpts / "step-00000040")
     assert latest_checkpoint(ckpts) == ckpts / "step-00000020"
     assert "skipping damaged checkpoint" in caplog.text
-    proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "50", "--checkpoint.every_n_steps", "10",
-                                  "--checkpoint.keep_last", "0"), cwd=cwd)
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "50", "--checkpoint.every_n_steps", "10",
+                                         "--checkpoint.keep_last", "0"), cwd=cwd, check=True)
     assert "skipping damaged checkpoint" in proc.stderr and "resuming from" in proc.stderr
     assert "step-00000020" in proc.stderr.split("resuming from")[1].splitlines()[0]
     assert os.readlink(ckpts / "last") == "step-00000050"
@@ -96,7 +97,7 @@ def test_killed_during_a_save_the_previous_checkpoint_is_used(code_corpus, tmp_p
     else:
         pytest.fail("never caught the process inside a save")
     assert os.readlink(ckpts / "last") == "step-00000004" and damage(ckpts / "step-00000004") is None
-    resumed = run_tinytrain(*ci_args(code_corpus, *big), cwd=tmp_path)
+    resumed = tinytrain_in_process(*ci_args(code_corpus, *big), cwd=tmp_path, check=True)
     assert "resuming from" in resumed.stderr and "step-00000004" in resumed.stderr
     assert os.readlink(ckpts / "last") == "step-00000012"
     assert not list(ckpts.glob(".tmp-*"))
@@ -129,8 +130,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_saved_again(four_checkpoints, cod
     state = ckpts / "step-00000040" / "state.ckpt"
     with open(state, "r+b") as f:
         f.truncate(100_000)
-    proc = run_tinytrain(*ci_args(code_corpus, "--checkpoint.every_n_steps", "10", "--checkpoint.keep_last", "1"),
-                         cwd=cwd)
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--checkpoint.every_n_steps", "10",
+                                         "--checkpoint.keep_last", "1"), cwd=cwd, check=True)
     assert "set aside damaged checkpoint" in proc.stderr and "step-00000030" in proc.stderr.split("resuming from")[1]
     (aside,) = ckpts.glob("step-00000040.damaged-*")
     assert (aside / "state.ckpt").stat().st_size == 100_000  # kept as it was, for inspection

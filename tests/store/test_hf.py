@@ -232,7 +232,7 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
                 "--data.step_offset", "100", *arch]
 
     args = fit_args(3)
-    proc = run_tinytrain(*args, cwd=tmp_path)
+    proc = tinytrain_in_process(*args, cwd=tmp_path, check=True)
     assert "initialised from" in proc.stderr
     saved = torch.load(tmp_path / "runs" / "ci" / "checkpoints" / "last" / "state.ckpt", weights_only=True)
     assert saved["global_step"] == 3
@@ -240,7 +240,7 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
     for k, v in converted.items():
         assert torch.equal(saved["state_dict"]["model." + k], v), k
     # Re-running the same command resumes the run: its own checkpoint, not init_from, is loaded.
-    again = run_tinytrain(*fit_args(5), cwd=tmp_path)
+    again = tinytrain_in_process(*fit_args(5), cwd=tmp_path, check=True)
     assert "resuming from" in again.stderr and "model.init_from" in again.stderr and "initialised from" not in again.stderr
     # A recipe whose architecture differs from init_from's is refused, naming the field.
     bad = tinytrain_in_process(*args[:-len(arch)], *arch[:-4], "--model.config.num_key_value_heads", "2",

@@ -99,14 +99,14 @@ def test_init_from_may_change_only_the_context_window(code_corpus, tmp_path):
     """A ci model trained at 64 tokens (window 128) continues at 256 with a new base and logit scaling; the new
     run's checkpoints record the new window; any other change is still refused by name; validation
     reports the loss per span of positions."""
-    run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "20"), cwd=tmp_path)
+    tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "20"), cwd=tmp_path, check=True)
     base = tmp_path / "runs" / "ci" / "checkpoints" / "last"
     longer = ["--model.init_from", base, "--model.config.max_position_embeddings", "256", "--data.seq_len", "256",
               "--model.config.rope_theta", "40000", "--model.config.logit_scaling_window", "64",
               "--data.global_batch_size", "8", "--data.micro_batch_size", "4", "--model.loss_by_position", "4",
               "--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--checkpoint.every_n_steps", "10",
               "--trainer.default_root_dir", "runs/long", "--trainer.logger.init_args.save_dir", "runs/long"]
-    proc = run_tinytrain(*ci_args(code_corpus, *longer), cwd=tmp_path)
+    proc = tinytrain_in_process(*ci_args(code_corpus, *longer), cwd=tmp_path, check=True)
     assert "extending the context of" in proc.stderr, proc.stderr
     assert "model.config.max_position_embeddings: from 128, to 256" in proc.stderr
     saved = (tmp_path / "runs" / "long" / "checkpoints" / "step-00000010" / "model_config.json").read_text()
@@ -147,8 +147,9 @@ def test_passkey_prompts_are_exactly_as_long_as_asked(prepared, tmp_path):
     with pytest.raises(ConfigError, match="a passkey prompt needs more than"):
         prompt(tok, 100, 0.5, 12345)
 
-    run_tinytrain(*ci_args(prepared.parent, "--data.path", prepared, "--data.corpus", "null", "--trainer.max_steps",
-                           "2", "--model.config.max_position_embeddings", "256"), cwd=tmp_path)
+    tinytrain_in_process(*ci_args(prepared.parent, "--data.path", prepared, "--data.corpus", "null",
+                                  "--trainer.max_steps", "2", "--model.config.max_position_embeddings", "256"),
+                         cwd=tmp_path, check=True)
     out = tmp_path / "passkey.json"
     proc = run_tinytrain("evaluate", tmp_path / "runs" / "ci", "--passkey", "160,240", "--trials", "2", "--out", out,
                          cwd=tmp_path)
@@ -170,7 +171,7 @@ def test_extension_lowers_the_loss_beyond_the_old_window(code_corpus, tmp_path):
     256-383, 384-511) unextended against about 0.21 / 0.22 / 0.24 extended."""
     common = ["--data.val_fraction", "0.1", "--trainer.max_steps", "150", "--model.optim.decay_steps", "150",
               "--checkpoint.every_n_steps", "150", "--data.seq_len", "128"]
-    run_tinytrain(*ci_args(code_corpus, *common), cwd=tmp_path)
+    tinytrain_in_process(*ci_args(code_corpus, *common), cwd=tmp_path, check=True)
     at_512 = ["--model.config.max_position_embeddings", "512", "--data.seq_len", "512", "--data.global_batch_size", "8",
               "--data.micro_batch_size", "4", "--model.loss_by_position", "4",
               "--model.init_from", tmp_path / "runs" / "ci" / "checkpoints" / "last"]
@@ -187,12 +188,12 @@ def test_extension_lowers_the_loss_beyond_the_old_window(code_corpus, tmp_path):
                   "0.1", *at_512, *folder("as-is"), cwd=tmp_path)
     before = spans("as-is")
     for name, scaling in (("abf", "null"), ("entropy-abf", "128")):
-        run_tinytrain(*ci_args(code_corpus, *at_512, *folder(name), "--model.config.rope_theta", "40000",
-                               "--model.config.logit_scaling_window", scaling,
-                               "--model.config.logit_scaling_from_layer", "1", "--trainer.max_steps", "60",
-                               "--model.optim.lr", "1e-3", "--model.optim.warmup_steps", "10",
-                               "--model.optim.decay_steps", "60", "--trainer.val_check_interval", "60",
-                               "--checkpoint.every_n_steps", "60"), cwd=tmp_path)
+        tinytrain_in_process(*ci_args(code_corpus, *at_512, *folder(name), "--model.config.rope_theta", "40000",
+                                      "--model.config.logit_scaling_window", scaling,
+                                      "--model.config.logit_scaling_from_layer", "1", "--trainer.max_steps", "60",
+                                      "--model.optim.lr", "1e-3", "--model.optim.warmup_steps", "10",
+                                      "--model.optim.decay_steps", "60", "--trainer.val_check_interval", "60",
+                                      "--checkpoint.every_n_steps", "60"), cwd=tmp_path, check=True)
         after = spans(name)
         print(name, before, after)
         assert sorted(after) == sorted(before) == ["000-127", "128-255", "256-383", "384-511"]

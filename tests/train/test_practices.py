@@ -199,10 +199,10 @@ def run_folder(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def stable_run(tmp_path_factory, code_corpus):
     """40 steps of the stable phase of a WSD run (checkpoints at 20 and 40)."""
-    from conftest import ci_args, run_tinytrain
+    from conftest import ci_args, tinytrain_in_process
 
     cwd = tmp_path_factory.mktemp("wsd")
-    run_tinytrain(*ci_args(code_corpus, *WSD, *run_folder("main")), cwd=cwd)
+    tinytrain_in_process(*ci_args(code_corpus, *WSD, *run_folder("main")), cwd=cwd, check=True)
     return cwd
 
 
@@ -210,16 +210,18 @@ def test_a_cooldown_branch_continues_the_run_with_only_the_learning_rate_changed
     """A branch from step 20 with the main run's own schedule retraces it exactly; one that cools
     down over steps 20..40 takes the same first step (same weights, optimizer state and data) and
     then differs only through its learning rate; the main run is left as it was."""
-    from conftest import ci_args, metric_rows, run_tinytrain, series, tree_digest
+    from conftest import ci_args, metric_rows, series, tinytrain_in_process, tree_digest
 
     cwd = stable_run
     main = cwd / "runs" / "main"
     before = tree_digest(main / "checkpoints")
     start = main / "checkpoints" / "step-00000020"
-    run_tinytrain(*ci_args(code_corpus, *WSD, *run_folder("same"), "--checkpoint.branch_from", start), cwd=cwd)
-    proc = run_tinytrain(*ci_args(code_corpus, *WSD, *run_folder("cool"), "--checkpoint.branch_from", start,
-                                  "--model.optim.decay_steps", "40", "--model.optim.cooldown_steps", "20",
-                                  "--model.optim.cooldown_shape", "linear", "--model.optim.min_lr", "0"), cwd=cwd)
+    tinytrain_in_process(*ci_args(code_corpus, *WSD, *run_folder("same"), "--checkpoint.branch_from", start), cwd=cwd,
+                         check=True)
+    proc = tinytrain_in_process(*ci_args(code_corpus, *WSD, *run_folder("cool"), "--checkpoint.branch_from", start,
+                                         "--model.optim.decay_steps", "40", "--model.optim.cooldown_steps", "20",
+                                         "--model.optim.cooldown_shape", "linear", "--model.optim.min_lr", "0"),
+                                cwd=cwd, check=True)
     assert f"branching from {start.resolve()}" in proc.stderr
     assert tree_digest(main / "checkpoints") == before
 
@@ -239,9 +241,10 @@ def test_a_cooldown_branch_continues_the_run_with_only_the_learning_rate_changed
     meta = (cwd / "runs" / "cool" / "checkpoints" / "step-00000040" / "meta.json").read_text()
     assert f'"branched_from": "{start.resolve()}"' in meta and '"tokens": 40960' in meta
     # once the branch has its own checkpoint, a re-run resumes from it, not from the other run
-    again = run_tinytrain(*ci_args(code_corpus, *WSD, *run_folder("cool"), "--checkpoint.branch_from", start,
-                                   "--model.optim.decay_steps", "40", "--model.optim.cooldown_steps", "20",
-                                   "--model.optim.cooldown_shape", "linear", "--model.optim.min_lr", "0"), cwd=cwd)
+    again = tinytrain_in_process(*ci_args(code_corpus, *WSD, *run_folder("cool"), "--checkpoint.branch_from", start,
+                                          "--model.optim.decay_steps", "40", "--model.optim.cooldown_steps", "20",
+                                          "--model.optim.cooldown_shape", "linear", "--model.optim.min_lr", "0"),
+                                 cwd=cwd, check=True)
     assert "resuming from" in again.stderr and "branching" not in again.stderr
 
 

@@ -67,7 +67,7 @@ def test_rerun_resumes_from_newest_checkpoint_and_prunes(trained, code_corpus, t
     import shutil
 
     shutil.copytree(cwd, work, symlinks=True)
-    proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "60"), cwd=work)
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "60"), cwd=work, check=True)
     assert "resuming from" in proc.stderr and "step-00000040" in proc.stderr
     ckpts = work / "runs" / "ci" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step-00000040", "step-00000060"]
@@ -122,7 +122,7 @@ def test_killed_run_resumes_to_the_same_weights(code_corpus, tmp_path):
              "--model.optim.decay_steps", "80"]
     straight = tmp_path / "straight"
     straight.mkdir()
-    run_tinytrain(*ci_args(code_corpus, *extra), cwd=straight)
+    tinytrain_in_process(*ci_args(code_corpus, *extra), cwd=straight, check=True)
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -138,7 +138,7 @@ def test_killed_run_resumes_to_the_same_weights(code_corpus, tmp_path):
     assert first.exists(), "the run ended before its first checkpoint"
     assert not (killed / "runs" / "ci" / "checkpoints" / "step-00000080").exists()
 
-    resumed = run_tinytrain(*ci_args(code_corpus, *extra), cwd=killed)
+    resumed = tinytrain_in_process(*ci_args(code_corpus, *extra), cwd=killed, check=True)
     assert "resuming from" in resumed.stderr
 
     a = model_weights(straight / "runs" / "ci" / "checkpoints" / "last")
@@ -215,9 +215,9 @@ def test_mixture_run_logs_source_epochs_and_validation(prepared, tmp_path):
                                tokenizer=prepared / "tokenizer.model", val_fraction=0.3)
     sources = [{"path": str(prepared), "weight": 0.75, "name": "code"},
                {"path": str(more), "weight": 0.25, "name": "more"}]
-    run_tinytrain("fit", "--config", RECIPES / "ci.yaml", "--data.sources", json.dumps(sources),
-                  "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
-                  cwd=tmp_path)
+    tinytrain_in_process("fit", "--config", RECIPES / "ci.yaml", "--data.sources", json.dumps(sources),
+                         "--trainer.max_steps", "10", "--trainer.val_check_interval", "5",
+                         "--trainer.log_every_n_steps", "1", cwd=tmp_path, check=True)
     rows = metric_rows(tmp_path / "runs" / "ci")
     dm = TokenData(sources=sources, vocab_size=512, seq_len=64, global_batch_size=16, micro_batch_size=8)
     dm.open()
@@ -239,10 +239,10 @@ def test_speed_switches_train_through_the_recipe(code_corpus, tmp_path):
     """The recipe's speed switches reach the model: chunked and compiled loss, a forced SDPA kernel,
     fused AdamW and (with torchao) float8 linears; the run trains and logs throughput and MFU."""
     pytest.importorskip("torchao.float8")
-    proc = run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "1",
-                                  "--model.compile_loss", "true", "--model.loss_chunk_size", "32",
-                                  "--model.attention", "sdpa-math", "--model.optim.fused", "true",
-                                  "--model.float8", "true"), cwd=tmp_path)
+    proc = tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "1",
+                                         "--model.compile_loss", "true", "--model.loss_chunk_size", "32",
+                                         "--model.attention", "sdpa-math", "--model.optim.fused", "true",
+                                         "--model.float8", "true"), cwd=tmp_path, check=True)
     assert "float8 matmuls in 14 linear layers" in proc.stderr
     assert "attention backend: sdpa-math" in proc.stderr
     rows = metric_rows(tmp_path / "runs" / "ci")
@@ -295,8 +295,9 @@ def test_a_larger_global_batch_continues_where_the_stream_stopped(trained, code_
     cwd, _, _ = trained
     work = tmp_path / "copy"
     shutil.copytree(cwd, work, symlinks=True)
-    run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "50", "--data.global_batch_size", "32",
-                           "--data.resize_global_batch", "true", "--checkpoint.every_n_steps", "10"), cwd=work)
+    tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "50", "--data.global_batch_size", "32",
+                                  "--data.resize_global_batch", "true", "--checkpoint.every_n_steps", "10"),
+                         cwd=work, check=True)
     last = work / "runs" / "ci" / "checkpoints" / "last"
     meta = json.loads((last / "meta.json").read_text())
     assert meta["step"] == 50 and meta["tokens"] == (40 * 16 + 10 * 32) * 64
