@@ -152,3 +152,19 @@ def test_cuda_bf16_matches_cpu_fp32_within_bf16_tolerance():
             logits = gpu(idx.cuda()).float().cpu()
     rel = (logits - reference).norm() / reference.norm()
     assert rel < 2e-2
+
+
+def test_each_model_built_in_a_process_notes_its_attention_backend(caplog):
+    """The backend is logged on a model's first forward, once per model: a second fit in the same
+    process (a library user's loop, an in-process test) reports it too."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    idx = torch.randint(0, 64, (1, 8))
+    for _ in range(2):
+        model = Llama(cfg)
+        model.set_attention_backend("sdpa-math")
+        with caplog.at_level("INFO", logger="tinytrain.model.attention"):
+            caplog.clear()
+            model(idx)
+            model(idx)
+        assert [r.getMessage() for r in caplog.records].count("attention backend: sdpa-math") == 1

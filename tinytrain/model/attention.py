@@ -62,6 +62,12 @@ def _note(name: str) -> None:
         log.info("attention backend: %s", name)
 
 
+def forget_notes() -> None:
+    """Each kernel is noted once per model, not once per process: a process that builds a second
+    model (a second fit, an evaluation beside training) logs its backends again."""
+    _logged.clear()
+
+
 class Kernel:
     """The causal attention of one backend (see ``BACKENDS``) for n_head query heads sharing n_kv
     key/value heads. Tensors are (B, heads, T, head_dim)."""

@@ -359,6 +359,7 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        attention.forget_notes()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_hidden_layers))
