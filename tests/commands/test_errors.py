@@ -141,7 +141,8 @@ def test_a_training_split_smaller_than_a_step_is_refused_unless_asked_for(prepar
                      r"step reads from it \(data.global_batch_size 4096\): each block would be read about [\d.]+ "
                      r"times within a step; .* --data.allow_repeats_in_step true", line), line
     assert not (tmp_path / "runs" / "ci" / "checkpoints").exists()
-    proc = run_tinytrain(*args, "--data.allow_repeats_in_step", "true", "--trainer.max_steps", "1", cwd=tmp_path)
+    proc = tinytrain_in_process(*args, "--data.allow_repeats_in_step", "true", "--trainer.max_steps", "1", cwd=tmp_path,
+                                check=True)
     assert "(data.allow_repeats_in_step)" in proc.stderr
     # warmup beyond the run's last step: said, once
     assert proc.stderr.count("model.optim.warmup_steps (5) is beyond trainer.max_steps (1): the learning rate "

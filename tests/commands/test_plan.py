@@ -4,7 +4,7 @@ import socket
 
 import pytest
 import torch
-from conftest import RECIPES, run_tinytrain, tinytrain_in_process
+from conftest import RECIPES, tinytrain_in_process
 
 from tinytrain.commands.plan import GIB, LiveTensorMemory, Setup, estimate, fits, measure
 from tinytrain.model.llama import LlamaConfig
@@ -126,8 +126,8 @@ def test_the_1_1b_recipe_on_eight_gpus():
 
 
 def test_plan_command_prints_the_parts_and_what_fits(tmp_path):
-    proc = run_tinytrain("plan", "--config", RECIPES / "tinyllama-1.1b.yaml",
-                         "--world_size", "8", cwd=tmp_path)
+    proc = tinytrain_in_process("plan", "--config", RECIPES / "tinyllama-1.1b.yaml",
+                                "--world_size", "8", cwd=tmp_path, check=True)
     out = proc.stdout
     assert "model 1,100,048,384 parameters" in out and "micro batch 8 x 16 micro-batches" in out
     for part in ("master weights", "AdamW state", "activations", "loss", "FSDP2 accumulated gradients", "total"):
@@ -135,7 +135,8 @@ def test_plan_command_prints_the_parts_and_what_fits(tmp_path):
     assert "fits in 80 GiB" in out
     assert "largest micro batch that fits without activation checkpointing:" in out
     assert "largest micro batch that fits with activation checkpointing:" in out
-    measured = run_tinytrain("plan", "--config", RECIPES / "ci.yaml", "--measure", cwd=tmp_path).stdout
+    measured = tinytrain_in_process("plan", "--config", RECIPES / "ci.yaml", "--measure", cwd=tmp_path,
+                                    check=True).stdout
     line = measured.splitlines()[-1]
     assert line.startswith("measured on cpu") and "estimated" in line
     assert abs(float(line.rsplit("(", 1)[1].split("%")[0])) < 15

@@ -4,7 +4,7 @@ checkpoints (steps 20 and 40), and their refusals."""
 import json
 import shutil
 
-from conftest import one_line, run_tinytrain
+from conftest import one_line, tinytrain_in_process
 
 from tinytrain.data.tokenizer import train_tokenizer
 from tinytrain.store.layout import step_folder
@@ -19,7 +19,7 @@ def test_generation_obeys_the_two_identities(ci_run):
     early, late = run / "checkpoints" / step_folder(20), run / "checkpoints" / step_folder(40)
 
     def text(*args):
-        return run_tinytrain("generate", *args, *GREEDY, cwd=cwd).stdout
+        return tinytrain_in_process("generate", *args, *GREEDY, cwd=cwd, check=True).stdout
 
     alone_early, alone_late = text(early), text(late)
     assert alone_early != alone_late
@@ -36,7 +36,7 @@ def test_scoring_obeys_the_identity_and_records_the_proxies(ci_run, tmp_path):
 
     def score(*args):
         out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
-        run_tinytrain("evaluate", *args, "--text", held_out, "--out", out, cwd=cwd)
+        tinytrain_in_process("evaluate", *args, "--text", held_out, "--out", out, cwd=cwd, check=True)
         return json.loads(out.read_text())
 
     alone, steered = score(late), score(early, "--proxy_tuned", late, "--proxy_base", early)
@@ -57,7 +57,7 @@ def test_refusals_are_one_line_and_come_before_any_weights_are_read(ci_run, tmp_
     meta = json.loads((other / "meta.json").read_text())  # a consistent checkpoint, only with another vocabulary
     meta["files"]["tokenizer.model"] = (other / "tokenizer.model").stat().st_size
     (other / "meta.json").write_text(json.dumps(meta))
-    proc = run_tinytrain("generate", early, "--proxy_tuned", other, "--proxy_base", early, cwd=cwd, check=False)
+    proc = tinytrain_in_process("generate", early, "--proxy_tuned", other, "--proxy_base", early, cwd=cwd, check=False)
     assert "--proxy_tuned does not share the large model's tokenizer" in one_line(proc, "generate")
     assert str(other / "tokenizer.model") in proc.stderr
 
@@ -68,8 +68,8 @@ def test_refusals_are_one_line_and_come_before_any_weights_are_read(ci_run, tmp_
     meta = json.loads((short / "meta.json").read_text())
     meta["files"]["model_config.json"] = (short / "model_config.json").stat().st_size
     (short / "meta.json").write_text(json.dumps(meta))
-    proc = run_tinytrain("generate", early, "--proxy_tuned", late, "--proxy_base", short, "--prompt",
-                         "def sum_alpha_beta(alpha, beta):", cwd=cwd, check=False)
+    proc = tinytrain_in_process("generate", early, "--proxy_tuned", late, "--proxy_base", short, "--prompt",
+                                "def sum_alpha_beta(alpha, beta):", cwd=cwd, check=False)
     assert "--proxy_base" in one_line(proc, "generate") and "reads at most 8 tokens" in proc.stderr
 
     for args, message in (((early, "--proxy_tuned", late), "--proxy_tuned and --proxy_base go together"),
@@ -77,5 +77,5 @@ def test_refusals_are_one_line_and_come_before_any_weights_are_read(ci_run, tmp_
                           ((early, "--proxy_tuned", late, "--proxy_base", early, "--proxy_alpha", "nan"),
                            "--proxy_alpha must be a finite number")):
         for command, extra in (("generate", ()), ("evaluate", ("--text", tmp_path / "none.txt"))):
-            proc = run_tinytrain(command, *args, *extra, cwd=cwd, check=False)
+            proc = tinytrain_in_process(command, *args, *extra, cwd=cwd, check=False)
             assert message in one_line(proc, command), (command, args)

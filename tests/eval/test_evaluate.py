@@ -188,9 +188,9 @@ def test_bits_per_byte_of_text_files(setting, tmp_path):
     held = tmp_path / "held.txt"
     held.write_text("\n".join(f"the {a} is {COLOR_OF[a]} ." for a in ANIMALS) + "\n")
     out = tmp_path / "bpb.json"
-    run_tinytrain("evaluate", root / "runs" / "trained", "--text", held, "--out", out, cwd=root)
+    tinytrain_in_process("evaluate", root / "runs" / "trained", "--text", held, "--out", out, cwd=root, check=True)
     trained = json.loads(out.read_text())["text"]
-    run_tinytrain("evaluate", root / "runs" / "random", "--text", held, "--out", out, cwd=root)
+    tinytrain_in_process("evaluate", root / "runs" / "random", "--text", held, "--out", out, cwd=root, check=True)
     untrained = json.loads(out.read_text())["text"]
     assert trained["bytes"] == len(held.read_bytes())
     assert trained["bits_per_byte"] == pytest.approx(

@@ -155,14 +155,15 @@ def test_commands_name_a_truncated_checkpoint_and_fall_back_for_a_run_folder(fou
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith(f"tinytrain {args[0]}: error: ") and "step-00000040: damaged checkpoint: " \
             "state.ckpt has 1000000 bytes" in line, line
-    proc = run_tinytrain("generate", run, "--max_new_tokens", "2", cwd=cwd)  # the run folder: newest intact
+    # the run folder: its newest intact checkpoint
+    proc = tinytrain_in_process("generate", run, "--max_new_tokens", "2", cwd=cwd, check=True)
     assert "using the newest intact checkpoint, step-00000030" in proc.stderr
     out = cwd / "w.pt"
-    run_tinytrain("consolidate", run / "checkpoints" / "last", out, cwd=cwd)
+    tinytrain_in_process("consolidate", run / "checkpoints" / "last", out, cwd=cwd, check=True)
     assert sum(v.numel() for v in torch.load(out, weights_only=True).values()) == 158_016
     # A checkpoint with no size record (as older tinytrain wrote) is still named when torch cannot read it.
     meta = json.loads((state.parent / "meta.json").read_text())
     meta.pop("files")
     (state.parent / "meta.json").write_text(json.dumps(meta))
-    proc = run_tinytrain("consolidate", state.parent, cwd / "x.pt", cwd=cwd, check=False)
+    proc = tinytrain_in_process("consolidate", state.parent, cwd / "x.pt", cwd=cwd, check=False)
     assert proc.returncode == 1 and f"{state}: unreadable, damaged or truncated" in proc.stderr

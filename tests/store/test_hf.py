@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import RECIPES, run_tinytrain, tinytrain_in_process
+from conftest import RECIPES, tinytrain_in_process
 
 from tinytrain.data.tokenizer import Tokenizer
 from tinytrain.model.llama import Llama, LlamaConfig
@@ -222,7 +222,7 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
     with a zero learning rate the weights come out unchanged."""
     heads, kv, hidden, inter, layers, theta, _ = CONFIGS["mha"]
     make_hf_folder(tmp_path / "hf", prepared, "mha")
-    run_tinytrain("convert", "from-hf", tmp_path / "hf", tmp_path / "tt", cwd=tmp_path)
+    tinytrain_in_process("convert", "from-hf", tmp_path / "hf", tmp_path / "tt", cwd=tmp_path, check=True)
     arch = ["--model.config.hidden_size", hidden, "--model.config.intermediate_size", inter,
             "--model.config.num_hidden_layers", layers, "--model.config.num_attention_heads", heads,
             "--model.config.num_key_value_heads", kv, "--model.config.rms_norm_eps", "1e-6"]
@@ -250,5 +250,5 @@ def test_continue_from_converted_checkpoint(prepared, tmp_path):
 
 def test_convert_cli_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_tinytrain("convert", "from-hf", tmp_path / "empty", tmp_path / "out", cwd=tmp_path, check=False)
+    proc = tinytrain_in_process("convert", "from-hf", tmp_path / "empty", tmp_path / "out", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "config.json: missing" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,7 +4,7 @@ summary at the end, and the plot of the run."""
 import collections
 
 import pytest
-from conftest import run_tinytrain
+from conftest import tinytrain_in_process
 
 NOISE = ("litlogger", "LeafSpec", "Total FLOPs", "Epoch 0/", "transfer_batch_to_device", "Failed to load")
 
@@ -54,9 +54,9 @@ def test_the_run_plots_itself_and_runs_overlay(console, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(cwd / "runs" / "ci", other)
     out = tmp_path / "both.png"
-    proc = run_tinytrain("plot", cwd / "runs" / "ci", other, "--out", out, cwd=tmp_path)
+    proc = tinytrain_in_process("plot", cwd / "runs" / "ci", other, "--out", out, cwd=tmp_path, check=True)
     assert proc.stdout.strip() == str(out) and out.read_bytes()[:4] == b"\x89PNG"
     series = read_run(cwd / "runs" / "ci")
     assert sorted(series["val/loss"]) == [19, 39] and len(series["train/loss"]) == 8
-    bad = run_tinytrain("plot", tmp_path, cwd=tmp_path, check=False)
+    bad = tinytrain_in_process("plot", tmp_path, cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "no logs/version_*/metrics.csv" in bad.stderr.strip().splitlines()[-1]

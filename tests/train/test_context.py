@@ -151,15 +151,15 @@ def test_passkey_prompts_are_exactly_as_long_as_asked(prepared, tmp_path):
                                   "--trainer.max_steps", "2", "--model.config.max_position_embeddings", "256"),
                          cwd=tmp_path, check=True)
     out = tmp_path / "passkey.json"
-    proc = run_tinytrain("evaluate", tmp_path / "runs" / "ci", "--passkey", "160,240", "--trials", "2", "--out", out,
-                         cwd=tmp_path)
+    proc = tinytrain_in_process("evaluate", tmp_path / "runs" / "ci", "--passkey", "160,240", "--trials", "2",
+                                "--out", out, cwd=tmp_path, check=True)
     assert "passkey retrieval: 160 tokens " in proc.stdout
     import json
 
     report = json.loads(out.read_text())["passkey"]
     assert sorted(report["accuracy"]) == ["160", "240"] and len(report["accuracy_by_depth"]) == 6
     assert all(0 <= a <= 1 for a in report["accuracy"].values())
-    bad = run_tinytrain("evaluate", tmp_path / "runs" / "ci", "--passkey", "256", cwd=tmp_path, check=False)
+    bad = tinytrain_in_process("evaluate", tmp_path / "runs" / "ci", "--passkey", "256", cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "leave no room for the answer under max_position_embeddings=256" in bad.stderr
 
 

@@ -100,9 +100,9 @@ def test_a_trained_mixture_generates_and_scores_text(moe_runs, code_corpus, tmp_
     import json
 
     run = moe_runs("plain") / "runs" / "ci"
-    gen = run_tinytrain("generate", run, "--prompt", "def ", "--max_new_tokens", "8", cwd=tmp_path)
+    gen = tinytrain_in_process("generate", run, "--prompt", "def ", "--max_new_tokens", "8", cwd=tmp_path, check=True)
     assert gen.stdout.startswith("def ") and len(gen.stdout) > len("def ")
     held = sorted(code_corpus.glob("*.py"))[-1]
-    run_tinytrain("evaluate", run, "--text", held, "--out", tmp_path / "bpb.json", cwd=tmp_path)
+    tinytrain_in_process("evaluate", run, "--text", held, "--out", tmp_path / "bpb.json", cwd=tmp_path, check=True)
     text = json.loads((tmp_path / "bpb.json").read_text())["text"]
     assert text["bytes"] == len(held.read_bytes()) and 0 < text["bits_per_byte"] < 8

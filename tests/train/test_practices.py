@@ -294,7 +294,7 @@ def resumed_copy(cwd, name: str, copy: str):
 
 @pytest.mark.parametrize("strategy", ["single", "fsdp2"])
 def test_the_moving_average_is_saved_resumed_exactly_and_exported(strategy, code_corpus, tmp_path):
-    from conftest import run_tinytrain
+    from conftest import tinytrain_in_process
 
     from tinytrain.store.checkpoint import load_model_weights
 
@@ -319,33 +319,36 @@ def test_the_moving_average_is_saved_resumed_exactly_and_exported(strategy, code
     assert max((average[k] - weights[k]).abs().max().item() for k in average) > 1e-3  # it is not the weights
 
     out = tmp_path / "ema"
-    run_tinytrain("average", "--ema", straight, out, cwd=tmp_path)
+    tinytrain_in_process("average", "--ema", straight, out, cwd=tmp_path, check=True)
     exported = load_model_weights(out)
     assert all(torch.equal(exported[k], average[k]) for k in average)
     assert '"format": "ema"' in (out / "meta.json").read_text()
-    gen = run_tinytrain("generate", out, "--prompt", "def ", "--max_new_tokens", "5", cwd=tmp_path)
+    gen = tinytrain_in_process("generate", out, "--prompt", "def ", "--max_new_tokens", "5", cwd=tmp_path, check=True)
     assert gen.stdout.startswith("def ")
 
 
 def test_average_of_checkpoints(stable_run, tmp_path):
     """Uniform and exponential averages of sharded-or-not checkpoints, as generate and convert read them."""
-    from conftest import run_tinytrain
+    from conftest import tinytrain_in_process
 
     from tinytrain.store.checkpoint import load_model_weights
 
     ckpts = stable_run / "runs" / "main" / "checkpoints"
     old, new = ckpts / "step-00000020", ckpts / "step-00000040"
     w_old, w_new = load_model_weights(old), load_model_weights(new)
-    run_tinytrain("average", new, old, tmp_path / "uniform", cwd=tmp_path)  # any order: sorted by step
-    run_tinytrain("average", old, new, tmp_path / "exp", "--mode", "exponential", "--decay", "0.5", cwd=tmp_path)
+    # any order: sorted by step
+    tinytrain_in_process("average", new, old, tmp_path / "uniform", cwd=tmp_path, check=True)
+    tinytrain_in_process("average", old, new, tmp_path / "exp", "--mode", "exponential", "--decay", "0.5", cwd=tmp_path,
+                         check=True)
     uniform, exp = load_model_weights(tmp_path / "uniform"), load_model_weights(tmp_path / "exp")
     for k in w_new:
         torch.testing.assert_close(uniform[k], (w_old[k] + w_new[k]) / 2)
         torch.testing.assert_close(exp[k], w_old[k] / 3 + 2 * w_new[k] / 3)
     meta = (tmp_path / "exp" / "meta.json").read_text()
     assert '"step": 40' in meta and '"weight": 0.333333' in meta and '"weight": 0.666667' in meta
-    run_tinytrain("generate", tmp_path / "uniform", "--prompt", "def ", "--max_new_tokens", "5", cwd=tmp_path)
-    run_tinytrain("convert", "to-hf", tmp_path / "uniform", tmp_path / "uniform-hf", cwd=tmp_path)
+    tinytrain_in_process("generate", tmp_path / "uniform", "--prompt", "def ", "--max_new_tokens", "5", cwd=tmp_path,
+                         check=True)
+    tinytrain_in_process("convert", "to-hf", tmp_path / "uniform", tmp_path / "uniform-hf", cwd=tmp_path, check=True)
     assert (tmp_path / "uniform-hf" / "model.safetensors").is_file()
 
     for args, message in [((old, tmp_path / "one"), "give at least two checkpoints and an output folder"),
@@ -353,7 +356,7 @@ def test_average_of_checkpoints(stable_run, tmp_path):
                           ((old, new, tmp_path / "x", "--mode", "exponential", "--decay", "1.5"),
                            "--decay must be in (0, 1), got 1.5"),
                           ((old, tmp_path / "missing", tmp_path / "y"), "missing")]:
-        bad = run_tinytrain("average", *args, cwd=tmp_path, check=False)
+        bad = tinytrain_in_process("average", *args, cwd=tmp_path, check=False)
         assert bad.returncode != 0 and message in bad.stderr.strip().splitlines()[-1], bad.stderr
         assert bad.stderr.strip().splitlines()[-1].startswith("tinytrain average: error: ")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -189,16 +189,17 @@ def test_fsdp2_two_processes_sharded_checkpoint_resumes_on_one(code_corpus, tmp_
     assert max(steps) == 29
 
     out = tmp_path / "weights.pt"
-    run_tinytrain("consolidate", tmp_path / "runs" / "ci" / "checkpoints" / "step-00000020", out, cwd=tmp_path)
+    tinytrain_in_process("consolidate", tmp_path / "runs" / "ci" / "checkpoints" / "step-00000020", out, cwd=tmp_path,
+                         check=True)
     weights = torch.load(out, weights_only=True)
     assert sum(v.numel() for v in weights.values()) == 158_016
-    gen = run_tinytrain("generate", tmp_path / "runs" / "ci", "--prompt", "def ", "--max_new_tokens", "10",
-                        cwd=tmp_path)
+    gen = tinytrain_in_process("generate", tmp_path / "runs" / "ci", "--prompt", "def ", "--max_new_tokens", "10",
+                               cwd=tmp_path, check=True)
     assert gen.stdout.startswith("def ")
 
     # The sharded checkpoint exports to a Hugging Face folder on CPU, without a process group.
     transformers = pytest.importorskip("transformers")
-    run_tinytrain("convert", "to-hf", state.parent, tmp_path / "hf", cwd=tmp_path)
+    tinytrain_in_process("convert", "to-hf", state.parent, tmp_path / "hf", cwd=tmp_path, check=True)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = {k: v for k, v in torch.load(out, weights_only=True).items()}
     theirs = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
