@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import ci_args, run_tinytrain, small_tmpfs
+from conftest import ci_args, run_tinytrain, small_tmpfs, tinytrain_in_process
 
 from tinytrain.store.checkpoint import damage, load_model_weights
 
@@ -16,8 +16,10 @@ LAYOUTS = {"one-process": (), "fsdp2-2": ("--trainer.strategy", "fsdp2", "--trai
 
 
 def fit(corpus, cwd, layout, *extra, check=True):
-    return run_tinytrain(*ci_args(corpus, *LAYOUTS[layout], "--checkpoint.every_n_steps", "10",
-                                  "--checkpoint.keep_last", "0", *extra), cwd=cwd, check=check)
+    """One process: in this one (its writer thread is the point); FSDP2 on two: a launched run."""
+    run = tinytrain_in_process if layout == "one-process" else run_tinytrain
+    return run(*ci_args(corpus, *LAYOUTS[layout], "--checkpoint.every_n_steps", "10", "--checkpoint.keep_last", "0",
+                        *extra), cwd=cwd, check=check)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

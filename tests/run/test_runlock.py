@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ci_args, run_tinytrain
+from conftest import ci_args, tinytrain_in_process
 
 from tinytrain.run.lock import EXPIRY, LOCK, RunLock, RunLocked
 
@@ -15,8 +15,9 @@ from tinytrain.run.lock import EXPIRY, LOCK, RunLock, RunLocked
 def test_two_runs_started_together_on_one_folder(code_corpus, tmp_path):
     """A double-submitted job: one trains, the other stops at once naming the holder."""
     env = {**os.environ, "TINYTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    run_tinytrain(*ci_args(code_corpus, "--trainer.max_steps", "1"), cwd=tmp_path)  # prepare the corpus once
-    args = [sys.executable, "-m", "tinytrain", *map(str, ci_args(code_corpus, "--trainer.max_steps", "200",
+    tinytrain_in_process(*ci_args(code_corpus, "--trainer.max_steps", "1"), cwd=tmp_path, check=True)  # the corpus
+    # 120 steps hold the lock for about 20 s on 2 busy cores: far longer than the two starts differ
+    args = [sys.executable, "-m", "tinytrain", *map(str, ci_args(code_corpus, "--trainer.max_steps", "120",
                                                                      "--checkpoint.resume", "false",
                                                                      "--trainer.default_root_dir", "runs/shared"))]
     procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -30,7 +31,7 @@ def test_two_runs_started_together_on_one_folder(code_corpus, tmp_path):
     assert line.startswith("tinytrain fit: error: ") and "is being written by another tinytrain process" in line
     assert f"pid {winner}" in line and "Traceback" not in err
     ckpts = tmp_path / "runs" / "shared" / "checkpoints"
-    assert os.readlink(ckpts / "last") == "step-00000200" and not (ckpts / LOCK).exists()
+    assert os.readlink(ckpts / "last") == "step-00000120" and not (ckpts / LOCK).exists()
 
 
 def _write_lock(folder, **info) -> None:
