@@ -170,16 +170,18 @@ def test_bad_requests_are_one_line(setting, tmp_path):
     (tmp_path / "tasks" / "tt_nodata.yaml").write_text(
         "task: tt_nodata\ndataset_path: someone/not-downloaded\ntest_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\nmetadata:\n  version: 1.0\n")
-    for args, expected in checks:
-        proc = run_tinytrain("evaluate", root / "runs" / "trained", *args, cwd=root, check=False,
-                             env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    for i, (args, expected) in enumerate(checks):
+        # the last reads the datasets library's offline switch, which it takes at import: a process of its own
+        run = run_tinytrain if i == len(checks) - 1 else tinytrain_in_process
+        proc = run("evaluate", root / "runs" / "trained", *args, cwd=root, check=False,
+                   env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith("tinytrain evaluate: error: ") and expected in line, line
     copy = tmp_path / "no-tokenizer"
     shutil.copytree(root / "runs" / "trained" / "checkpoints" / "last", copy)
     (copy / "tokenizer.model").unlink()
-    proc = run_tinytrain("evaluate", copy, "--tasks", "tt_choice", "--include_path", tasks, cwd=root, check=False)
+    proc = tinytrain_in_process("evaluate", copy, "--tasks", "tt_choice", "--include_path", tasks, cwd=root)
     assert "tokenizer.model is missing" in proc.stderr.strip().splitlines()[-1]
 
 

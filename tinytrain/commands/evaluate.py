@@ -67,14 +67,15 @@ def main(argv: list[str]) -> None:
     from tinytrain.store.checkpoint import load_checkpoint, load_pretrained, load_proxy_tuned
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
-    manager = task_manager(args.include_path) if tasks else None
-    if tasks:
-        resolve_tasks(tasks, manager)
     texts = read_texts(args.text or [])  # before any model is loaded: a bad file fails at once
+    # The checkpoint's files before the harness's task index (seconds to build): a wrong folder fails at once.
     source = load_pretrained(args.checkpoint, need_tokenizer=True)
     if args.stride is not None and args.stride > source.config.max_position_embeddings:
         parser.error(f"--stride {args.stride} is longer than the model's context window "
                      f"({source.config.max_position_embeddings} tokens)")
+    manager = task_manager(args.include_path) if tasks else None
+    if tasks:
+        resolve_tasks(tasks, manager)
     if args.proxy_tuned:
         model, tok = load_proxy_tuned(args.checkpoint, args.proxy_tuned, args.proxy_base, args.proxy_alpha, args.device)
     else:
