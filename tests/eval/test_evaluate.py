@@ -77,8 +77,8 @@ def setting(tmp_path_factory):
 
 def evaluate(root, checkpoint, tasks, *extra):
     out = root / f"{checkpoint.replace('/', '_')}-{abs(hash(extra))}.json"
-    run_tinytrain("evaluate", root / checkpoint, "--tasks", "tt_choice,tt_gen,tt_text", "--include_path", tasks,
-                  "--out", out, *extra, cwd=root)
+    tinytrain_in_process("evaluate", root / checkpoint, "--tasks", "tt_choice,tt_gen,tt_text", "--include_path", tasks,
+                         "--out", out, *extra, cwd=root, check=True)
     report = json.loads(out.read_text())
     return report, {(r["task"], r["metric"]): r["value"] for r in report["rows"]}
 
