@@ -24,24 +24,7 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-# The test files that take longest, longest first (summed test times on 2 cores of an Intel Xeon with
-# AMX, 2026-12-05: test_context 390 s, test_benchmarks about 330 s, test_slurm, test_train,
-# test_distributed and test_slurm_multinode 100-160 s each). They run first: with `--dist loadfile`
-# and `--no-loadscope-reorder` (pyproject's addopts) xdist hands whole files to the workers in
-# collection order, so the long ones start at once and the many short files fill in around them,
-# instead of a long file starting last while the other worker sits idle.
-LONGEST_FIRST = ("train/test_context.py", "test_benchmarks.py", "run/test_slurm.py", "train/test_train.py",
-                 "train/test_distributed.py", "run/test_slurm_multinode.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    tests = Path(__file__).parent
-
-    def rank(item) -> int:
-        path = Path(item.path).relative_to(tests).as_posix() if Path(item.path).is_relative_to(tests) else ""
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: every file keeps its tests' order, the others their collection order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
