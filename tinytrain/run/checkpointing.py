@@ -348,10 +348,14 @@ class Checkpointing(Callback):
 
 
 def requeue_slurm_job() -> bool:
-    """Put this SLURM job back in the queue (it restarts with the same command and resumes)."""
+    """Put this SLURM job back in the queue (it restarts with the same command and resumes).
+
+    Said before it is done: SLURM ends the job's tasks (SIGTERM) as soon as the requeue is
+    accepted, often before ``scontrol`` has returned here."""
     job = preemption.slurm_job()
     if not job:
         return False
+    log.info("requeueing SLURM job %s", job)
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
@@ -360,7 +364,6 @@ def requeue_slurm_job() -> bool:
     if result.returncode:
         log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
         return False
-    log.info("requeued SLURM job %s", job)
     return True
 
 
