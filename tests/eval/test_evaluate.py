@@ -183,6 +183,9 @@ def test_bad_requests_are_one_line(setting, tmp_path):
     (copy / "tokenizer.model").unlink()
     proc = tinytrain_in_process("evaluate", copy, "--tasks", "tt_choice", "--include_path", tasks, cwd=root)
     assert "tokenizer.model is missing" in proc.stderr.strip().splitlines()[-1]
+    proc = tinytrain_in_process("evaluate", copy, "--tasks", "tt_choice", "--adapt", "0.1", cwd=root)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "tinytrain evaluate: error: --adapt takes a learning rate > 0 and needs --text; got 0.1 without --text")
 
 
 def test_bits_per_byte_of_text_files(setting, tmp_path):
@@ -198,6 +201,15 @@ def test_bits_per_byte_of_text_files(setting, tmp_path):
     assert trained["bits_per_byte"] == pytest.approx(
         trained["nats_per_token"] * trained["tokens"] / trained["bytes"] / math.log(2))
     assert trained["bits_per_byte"] < 0.5 * untrained["bits_per_byte"]
+    # --adapt: the static score, then the score adapting as it reads: the untrained model learns the
+    # held-out lines as they repeat
+    held.write_text(held.read_text() * 4)
+    proc = tinytrain_in_process("evaluate", root / "runs" / "random", "--text", held, "--adapt", "0.5", "--out", out,
+                                cwd=root, check=True)
+    adapted = json.loads(out.read_text())["text"]
+    assert adapted["adaptive"]["tokens"] == adapted["tokens"] and adapted["adaptive"]["adapt_lr"] == 0.5
+    assert adapted["adaptive"]["bits_per_byte"] < 0.8 * adapted["bits_per_byte"]
+    assert "adapting as it reads (SGD, lr 0.5, clip 1.0)" in proc.stdout + proc.stderr
 
 
 def test_validation_logs_bits_per_byte_of_exactly_the_bytes_it_scored(setting):

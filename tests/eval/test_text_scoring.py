@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinytrain.data.tokenizer import Tokenizer
-from tinytrain.eval.tasks import EvalError, bits_per_byte, scoring_windows
+from tinytrain.eval.tasks import EvalError, adaptive_bits_per_byte, bits_per_byte, scoring_windows
 from tinytrain.model.llama import Llama, LlamaConfig
 
 
@@ -62,3 +62,37 @@ def test_within_one_window_the_stride_changes_nothing(model_and_text):
     with torch.no_grad():
         scores = {s: bits_per_byte(model, tok, [short], stride=s)["bits_per_byte"] for s in (1, 8, 32)}
     assert scores[1] == pytest.approx(scores[8], rel=1e-6) and scores[8] == pytest.approx(scores[32], rel=1e-6)
+
+
+def test_adapting_scores_each_token_before_learning_from_it(model_and_text):
+    """Dynamic evaluation: a document's score depends only on what was read before it, the text read
+    twice is predicted better the second time, and the model given is left as it was."""
+    model, tok, text = model_and_text
+    other = "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n" * 3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        static = bits_per_byte(model, tok, [text], stride=8)
+    first = adaptive_bits_per_byte(model, tok, [text, other], lr=0.05, stride=8)
+    changed = adaptive_bits_per_byte(model, tok, [text, text], lr=0.05, stride=8)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the first document is read by the same sequence of models whatever follows it
+    assert first["nats_per_document"][0] == changed["nats_per_document"][0]
+    assert first["tokens"] == static["tokens"] + len(tok.encode(other, bos=True)) - 1
+    # its first window is scored by the model as given; from the second on, by one that has learnt
+    assert first["nats_per_document"][0] != pytest.approx(static["nats_per_token"] * static["tokens"], rel=1e-4)
+    # a text met again is predicted better than the first time, and better than without adapting
+    again = changed["nats_per_document"][1]
+    assert again < 0.8 * changed["nats_per_document"][0] and again < 0.8 * static["nats_per_token"] * static["tokens"]
+    assert changed["bits_per_byte"] == pytest.approx(
+        sum(changed["nats_per_document"]) / math.log(2) / (2 * len(text.encode())))
+
+
+def test_within_the_first_window_adapting_changes_nothing(model_and_text):
+    model, tok, text = model_and_text
+    short = text[:40]
+    with torch.no_grad():
+        static = bits_per_byte(model, tok, [short])
+    adaptive = adaptive_bits_per_byte(model, tok, [short], lr=0.05)
+    assert adaptive["nats_per_token"] == pytest.approx(static["nats_per_token"], rel=1e-6)
+    with pytest.raises(EvalError, match="learning rate must be > 0, got 0"):
+        adaptive_bits_per_byte(model, tok, [short], lr=0)

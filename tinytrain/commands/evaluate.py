@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tinytrain.eval.tasks import (
+    adaptive_bits_per_byte,
     bits_per_byte,
     format_table,
     read_texts,
@@ -38,6 +39,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--stride", type=int, default=None,
                         help="--text is scored in a sliding window of the model's context moving on by this many "
                              "tokens (default: a quarter of the window; the window itself: disjoint windows)")
+    parser.add_argument("--adapt", type=float, default=None, metavar="LR",
+                        help="also score --text with dynamic evaluation: after each window is scored, one SGD step "
+                             "of this learning rate on what it scored (the texts read in order; e.g. 0.5 for the tiny "
+                             "recipe's model)")
+    parser.add_argument("--adapt_clip", type=float, default=1.0, metavar="NORM",
+                        help="--adapt's gradient-norm clip (default 1.0)")
     parser.add_argument("--passkey", default=None, help="prompt lengths for passkey retrieval, e.g. 2048,4096,8192")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="where the passkey sits in the filler (0 to 1)")
     parser.add_argument("--trials", type=int, default=5, help="passkeys per length and depth")
@@ -61,6 +68,13 @@ def main(argv: list[str]) -> None:
                              ("--stride", args.stride, 1)):
         if value is not None and value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
+    if args.adapt is not None and (not args.text or not args.adapt > 0):
+        parser.error(f"--adapt takes a learning rate > 0 and needs --text; got {args.adapt} "
+                     f"{'with' if args.text else 'without'} --text")
+    if args.adapt is not None and args.proxy_tuned:
+        parser.error("--adapt trains one model as it reads; it does not combine with --proxy_tuned")
+    if not args.adapt_clip > 0:
+        parser.error(f"--adapt_clip must be > 0, got {args.adapt_clip}")
     if args.limit is not None and not args.limit > 0:
         parser.error(f"--limit must be > 0, got {args.limit}")
 
@@ -91,6 +105,14 @@ def main(argv: list[str]) -> None:
         print(f"{t['documents']} documents, {t['bytes']:,} bytes, {t['tokens']:,} tokens: "
               f"{t['bits_per_byte']:.4f} bits per byte, {t['nats_per_token']:.4f} nats per token "
               f"(sliding window, stride {t['stride']})")
+        if args.adapt is not None:
+            started = time.perf_counter()
+            t["adaptive"] = adaptive_bits_per_byte(model, tok, texts, args.adapt, args.stride,
+                                                   args.adapt_clip)
+            t["adaptive"]["seconds"] = round(time.perf_counter() - started, 1)
+            print(f"adapting as it reads (SGD, lr {args.adapt}, clip {args.adapt_clip}): "
+                  f"{t['adaptive']['bits_per_byte']:.4f} bits per byte, {t['adaptive']['nats_per_token']:.4f} nats "
+                  "per token")
     if lengths:
         from tinytrain.eval.passkey import passkey_accuracy
 

@@ -117,7 +117,6 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
 def read_texts(names: list[str]) -> list[str]:
     """The texts of ``--text`` files; one that cannot be read, or holds nothing to score, is an error."""
     texts = []
@@ -150,6 +149,24 @@ def scoring_windows(n: int, length: int, stride: int) -> list[tuple[int, int, in
     return windows
 
 
+def _scored_windows(tokenizer: Tokenizer, texts: list[str], length: int, stride: int) -> list[tuple[list[int], int]]:
+    """Every window of every text in reading order: (ids of the window, its inputs and one more; index of
+    its first scored target within the window's targets)."""
+    rows = []
+    for text in texts:
+        ids = tokenizer.encode(text, bos=True)
+        rows += [(ids[start:end + 1], first - start - 1) for start, end, first in scoring_windows(len(ids), length,
+                                                                                                 stride)]
+    return rows
+
+
+def _score(nll: float, tokens: int, texts: list[str], stride: int) -> dict:
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"documents": len(texts), "tokens": tokens, "bytes": nbytes, "stride": stride,
+            "nats_per_token": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+
+
+@torch.no_grad()
 def bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], batch: int = 8,
                   stride: Optional[int] = None) -> dict:
     """Negative log-likelihood of every token of each text (one document each, BOS in front), each
@@ -159,11 +176,7 @@ def bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], batch: i
     device = next(model.parameters()).device
     length = model.config.max_position_embeddings
     stride = stride or max(1, length // 4)
-    rows = []  # (ids of the window, inputs and one more; index of its first scored target within it)
-    for text in texts:
-        ids = tokenizer.encode(text, bos=True)
-        rows += [(ids[start:end + 1], first - start - 1) for start, end, first in scoring_windows(len(ids), length,
-                                                                                                 stride)]
+    rows = _scored_windows(tokenizer, texts, length, stride)
     nll, tokens = 0.0, 0
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
@@ -178,8 +191,43 @@ def bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], batch: i
         losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
         nll += float(losses[mask.flatten()].sum())
         tokens += int(mask.sum())
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"documents": len(texts), "tokens": tokens, "bytes": nbytes, "stride": stride,
-            "nats_per_token": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+    return _score(nll, tokens, texts, stride)
+
+
+def adaptive_bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str], lr: float,
+                           stride: Optional[int] = None, clip: float = 1.0) -> dict:
+    """Bits per byte with dynamic evaluation (Krause et al., 2018): the texts are read in order as one
+    stream, window by window as in bits_per_byte, and once a window's new targets are scored the model
+    takes one SGD step (learning rate ``lr``; the gradient's norm clipped to ``clip``, which keeps a
+    large rate from diverging on a surprising window) on their mean loss. Every token is thus predicted
+    by a model that has learnt from all the text before it, never from the token itself: the neural
+    counterpart of a compressor's adaptive model, which a decoder can replay. A copy of the model
+    adapts, in fp32; the model given is left as it was. One window at a time, a forward and a backward
+    each."""
+    if not lr > 0:
+        raise EvalError(f"the adaptation learning rate must be > 0, got {lr}")
+    import copy
+
+    length = model.config.max_position_embeddings
+    stride = stride or max(1, length // 4)
+    adapting = copy.deepcopy(model).float().eval()  # eval: no dropout; gradients still flow
+    params = [p.requires_grad_(True) for p in adapting.parameters()]
+    device = params[0].device
+    sgd = torch.optim.SGD(params, lr=lr)
+    per_document, tokens = [], 0
+    for text in texts:
+        per_document.append(0.0)
+        for window, skip in _scored_windows(tokenizer, [text], length, stride):
+            ids = torch.tensor([window], device=device)
+            losses = torch.nn.functional.cross_entropy(adapting(ids[:, :-1])[0].float(), ids[0, 1:], reduction="none")
+            scored = losses[skip:]
+            per_document[-1] += float(scored.detach().sum())
+            tokens += scored.numel()
+            sgd.zero_grad(set_to_none=True)
+            scored.mean().backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            sgd.step()
+    return {**_score(sum(per_document), tokens, texts, stride), "adapt_lr": lr, "adapt_clip": clip,
+            "nats_per_document": per_document}
 
 
