@@ -39,9 +39,10 @@ from tinytrain.data.prep import is_validation
 from tinytrain.eval.tasks import adaptive_bits_per_byte, bits_per_byte
 
 ROOT = Path(__file__).resolve().parents[1]
-# SGD's learning rate for dynamic evaluation, chosen on other Python source than the held-out files
-# (lightning's trainer package), never on the held-out files themselves (README, "What the tiny run does").
-ADAPT_LR = 0.5
+# Dynamic evaluation's SGD learning rate and window stride (a step every ADAPT_STRIDE tokens), chosen on
+# other Python source than the held-out files (lightning's trainer package), never on the held-out files
+# themselves (README, "What the tiny run does").
+ADAPT_LR, ADAPT_STRIDE = 0.5, 32
 VALIDATION = re.compile(r"step (\d+): val/loss ([0-9.]+) .*?, ([0-9.]+) bits per byte")
 
 
@@ -126,6 +127,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--adapt", type=float, default=ADAPT_LR,
                         help="also score the held-out files adapting as it reads (evaluate --text --adapt) at this "
                              "learning rate; 0: not")
+    parser.add_argument("--adapt_stride", type=int, default=ADAPT_STRIDE,
+                        help="the sliding window's stride when adapting (one step per stride)")
     parser.add_argument("--keep", default=None, help="train in this (new, empty) folder and keep it, to look at the run")
     args = parser.parse_args(own)
 
@@ -162,7 +165,7 @@ def main(argv=None) -> dict:
         adaptive = None
         if args.adapt:
             started = time.perf_counter()
-            adaptive = adaptive_bits_per_byte(model, tok, texts, args.adapt)
+            adaptive = adaptive_bits_per_byte(model, tok, texts, args.adapt, args.adapt_stride)
             adaptive["seconds"] = round(time.perf_counter() - started, 1)
     training = "".join(training_texts(corpus, args.val_fraction)).encode("utf-8")
     result = {

@@ -234,7 +234,8 @@ def test_tiny_quality_benchmark_times_scores_and_measures_the_compressors(code_c
     assert result["wall_seconds"] > 0 and [r["step"] for r in result["validation_timeline"]] == [2, 4]
     assert result["bits_per_byte"] == result["model"]["bits_per_byte"] > 0
     adapting = result["adapting"]
-    assert result["bits_per_byte_adapting"] == adapting["bits_per_byte"] > 0 and adapting["adapt_lr"] == 0.5
+    assert result["bits_per_byte_adapting"] == adapting["bits_per_byte"] > 0
+    assert adapting["adapt_lr"] == 0.5 and adapting["stride"] == 32
     assert adapting["tokens"] == result["model"]["tokens"] and adapting["seconds"] > 0
     assert result["held_out"]["bytes"] > 0 and result["held_out"]["training_split_bytes"] > result["held_out"]["bytes"]
     figures = result["compressors"]

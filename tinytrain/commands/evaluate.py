@@ -41,8 +41,8 @@ def main(argv: list[str]) -> None:
                              "tokens (default: a quarter of the window; the window itself: disjoint windows)")
     parser.add_argument("--adapt", type=float, default=None, metavar="LR",
                         help="also score --text with dynamic evaluation: after each window is scored, one SGD step "
-                             "of this learning rate on what it scored (the texts read in order; e.g. 0.5 for the tiny "
-                             "recipe's model)")
+                             "of this learning rate on what it scored (the texts read in order; e.g. 0.5 with "
+                             "--stride 32 for the tiny recipe's model)")
     parser.add_argument("--adapt_clip", type=float, default=1.0, metavar="NORM",
                         help="--adapt's gradient-norm clip (default 1.0)")
     parser.add_argument("--passkey", default=None, help="prompt lengths for passkey retrieval, e.g. 2048,4096,8192")
