@@ -159,8 +159,7 @@ def main(argv=None) -> dict:
         meta = json.loads((resolve_checkpoint(run) / META).read_text())
         model, tok = load_checkpoint(run)
         started = time.perf_counter()
-        with torch.no_grad():
-            score = bits_per_byte(model, tok, texts)
+        score = bits_per_byte(model, tok, texts)
         score["seconds"] = round(time.perf_counter() - started, 1)
         adaptive = None
         if args.adapt:

@@ -186,6 +186,11 @@ def test_bad_requests_are_one_line(setting, tmp_path):
     proc = tinytrain_in_process("evaluate", copy, "--tasks", "tt_choice", "--adapt", "0.1", cwd=root)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "tinytrain evaluate: error: --adapt takes a learning rate > 0 and needs --text; got 0.1 without --text")
+    for args, expected in ((["--adapt", "0.5", "--proxy_tuned", copy, "--proxy_base", copy], "does not combine with "
+                            "--proxy_tuned"),
+                           (["--adapt", "0.5", "--adapt_clip", "0"], "--adapt_clip must be > 0, got 0")):
+        proc = tinytrain_in_process("evaluate", copy, "--text", __file__, *args, cwd=root)
+        assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
 
 
 def test_bits_per_byte_of_text_files(setting, tmp_path):

@@ -96,3 +96,14 @@ def test_within_the_first_window_adapting_changes_nothing(model_and_text):
     assert adaptive["nats_per_token"] == pytest.approx(static["nats_per_token"], rel=1e-6)
     with pytest.raises(EvalError, match="learning rate must be > 0, got 0"):
         adaptive_bits_per_byte(model, tok, [short], lr=0)
+
+
+def test_scoring_builds_no_autograd_graph(model_and_text):
+    model, tok, text = model_and_text
+    modes = []
+    handle = model.register_forward_hook(lambda *_: modes.append(torch.is_grad_enabled()))
+    try:
+        bits_per_byte(model, tok, [text], stride=8)  # called with gradients enabled, as `evaluate --text` does
+    finally:
+        handle.remove()
+    assert modes and not any(modes)

@@ -12,6 +12,7 @@ commonsense suite, each task with the metric the paper reports (TINYLLAMA_SUITE)
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import math
@@ -206,8 +207,6 @@ def adaptive_bits_per_byte(model: Llama, tokenizer: Tokenizer, texts: list[str],
     each."""
     if not lr > 0:
         raise EvalError(f"the adaptation learning rate must be > 0, got {lr}")
-    import copy
-
     length = model.config.max_position_embeddings
     stride = stride or max(1, length // 4)
     adapting = copy.deepcopy(model).float().eval()  # eval: no dropout; gradients still flow
