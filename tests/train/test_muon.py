@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ci_args, run_tinytrain, train_losses
+from conftest import ci_args, one_line, run_tinytrain, tinytrain_in_process, train_losses, tree_digest
 
+from tinytrain.errors import ConfigError
 from tinytrain.model.llama import Llama, LlamaConfig
 from tinytrain.store.checkpoint import load_model_weights
 from tinytrain.train.muon import MuonAdamW
@@ -70,6 +71,49 @@ def test_one_step_is_pytorchs_adamw_and_muon():
     assert again.adamw.state is again.state and again.muon.state is again.state
     assert torch.equal(again.state[model.layers[0].mlp.up_proj.weight]["momentum_buffer"],
                        ours.state[model.layers[0].mlp.up_proj.weight]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_embedding_takes_its_own_rate_with_the_same_decay_per_step(optimizer):
+    """model.optim.embedding_lr: the token embedding alone in a third AdamW group at that peak (scheduled
+    like the rest), its weight decay divided by the ratio; steps equal torch.optim.AdamW's so grouped."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci"))
+    twin = Llama(LlamaConfig.from_name("ci"))
+    twin.load_state_dict(model.state_dict())
+    ours = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=1e-3, embedding_lr=0.05, warmup_steps=0,
+                                              muon_lr=0.02))
+    adamw = ours.adamw if optimizer == "muon" else ours
+    (embedding,) = adamw.param_groups[2]["params"]
+    assert embedding is model.embed_tokens.weight and adamw.param_groups[2]["weight_decay"] == pytest.approx(0.1 / 50)
+    assert not any(p is embedding for g in ours.param_groups[:2] for p in g["params"])
+    assert ours.lr_ratios[:3] == [1.0, 1.0, pytest.approx(50.0)]
+    embedding = twin.embed_tokens.weight
+    ref_embedding = torch.optim.AdamW([embedding], lr=5e-4 * 50, weight_decay=0.1 / 50, betas=(0.9, 0.95))
+    batch = torch.randint(0, 512, (1, 2, 65))
+    train_step(model, ours, batch, lr=5e-4, grad_clip=0.0)
+    twin(batch[0, :, :-1], batch[0, :, 1:]).backward()
+    ref_embedding.step()
+    assert adamw.param_groups[2]["lr"] == pytest.approx(5e-4 * 50)
+    assert torch.equal(model.embed_tokens.weight, embedding)
+
+
+def test_an_embedding_rate_of_zero_is_refused_by_name():
+    with pytest.raises(ConfigError, match="model.optim.embedding_lr must be > 0"):
+        OptimConfig(embedding_lr=0.0)
+
+
+def test_a_resume_with_another_optimizer_layout_is_refused_by_name(tmp_path, code_corpus):
+    """Another optimizer, or the embedding's own rate switched on or off, gives the optimizer state other
+    groups: the resume is refused in one line naming the key, and the checkpoint is left as it was."""
+    args = ci_args(code_corpus, "--checkpoint.every_n_steps", "2")
+    tinytrain_in_process(*args, "--trainer.max_steps", "2", cwd=tmp_path, check=True)
+    before = tree_digest(tmp_path / "runs" / "ci" / "checkpoints")
+    for extra, named in ((MUON, "model.optim.optimizer is muon, but the checkpoint's optimizer state is adamw's"),
+                         (("--model.optim.embedding_lr", "0.01"), "model.optim.embedding_lr is set")):
+        proc = tinytrain_in_process(*args, "--trainer.max_steps", "4", *extra, cwd=tmp_path)
+        assert named in one_line(proc, "fit")
+        assert tree_digest(tmp_path / "runs" / "ci" / "checkpoints") == before
 
 
 def test_newton_schulz_in_fp32_is_the_same_iteration_with_less_rounding():
@@ -212,10 +256,10 @@ def test_a_muon_run_resumes_exactly(muon_runs, strategy):
 
 @pytest.mark.slow
 def test_muon_with_the_model_levers_resumes_exactly_under_fsdp2(muon_runs):
-    """Muon, QK-norm, the z-loss, a moving average and spike recovery together, on 2 processes: a
-    run resumed from its step-4 checkpoint ends at the uninterrupted run's weights and average."""
+    """Muon, the embedding's own rate, QK-norm, the z-loss, a moving average and spike recovery together,
+    on 2 processes: a run resumed from its step-4 checkpoint ends at the uninterrupted run's weights and average."""
     levers = (*FSDP2_2, "--model.config.qk_norm", "true", "--model.z_loss", "1e-4", "--model.ema_decay", "0.9",
-              "--model.spikes.enabled", "true")
+              "--model.spikes.enabled", "true", "--model.optim.embedding_lr", "0.01")
     straight = muon_runs("levers", *levers)
     resumed = muon_runs("levers-from-4", *levers, resume_from_4="levers")
     assert train_losses(straight)[0] > train_losses(straight)[7] + 0.5

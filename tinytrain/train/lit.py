@@ -30,7 +30,7 @@ from tinytrain.train.ema import WeightAverage, check_decay, match_saved_average
 from tinytrain.train.init_from import check_given, check_tokenizer, load_initial_weights
 from tinytrain.train.local_sgd import OuterState, check_islands, local_sgd_of
 from tinytrain.train.monitor import Throughput, log_step, process_description
-from tinytrain.train.optim import OptimConfig, build_optimizer
+from tinytrain.train.optim import OptimConfig, build_optimizer, check_state_layout, state_layout
 from tinytrain.train.spikes import RollbackRequest, SpikeConfig, SpikeGuard
 from tinytrain.train.step import train_step
 from tinytrain.train.strategy import build_model
@@ -223,7 +223,8 @@ class LitLlama(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         spec = self.data_spec
         checkpoint[FACTS] = {"model_config": self.config.to_dict(),
-                             "tokenizer_sha256": spec.tokenizer_sha256 if spec is not None else None}
+                             "tokenizer_sha256": spec.tokenizer_sha256 if spec is not None else None,
+                             "optimizer": state_layout(self.optim)}
         if self.local_sgd is not None:
             checkpoint[FACTS]["islands"] = self.local_sgd.islands.count
         if self.spike_guard is not None:
@@ -233,6 +234,7 @@ class LitLlama(L.LightningModule):
         saved, spec = checkpoint.get(FACTS, {}), self.data_spec
         check_resumable(saved, self.config, spec.tokenizer_sha256 if spec is not None else None,
                         spec.tokenizer if spec is not None else None)
+        check_state_layout(saved.get("optimizer"), self.optim)
         check_islands(saved.get("islands"), self.local_sgd.islands.count if self.local_sgd is not None else None)
         match_saved_average(checkpoint.get("state_dict"), self.model if self.ema is not None else None)
         if self.spike_guard is not None:

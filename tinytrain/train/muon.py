@@ -134,7 +134,8 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(adamw.param_groups + muon.param_groups, defaults={})  # the same group dicts
         self._share()
         # the scheduled learning rate times this, per group (read by tinytrain.train.step)
-        self.lr_ratios = [1.0] * len(adamw.param_groups) + [muon_lr_ratio] * len(muon.param_groups)
+        self.lr_ratios = (list(getattr(adamw, "lr_ratios", [1.0] * len(adamw.param_groups)))
+                          + [muon_lr_ratio] * len(muon.param_groups))
 
     def _share(self) -> None:
         n = len(self.adamw.param_groups)

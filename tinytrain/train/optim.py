@@ -64,6 +64,10 @@ class OptimConfig:
     optimizer: str = "adamw"
     """adamw (TinyLlama's), or muon: torch.optim.Muon for the blocks' matrices and AdamW (lr, betas,
     weight_decay above) for the embedding, the output head and the norms."""
+    embedding_lr: Optional[float] = None
+    """Peak learning rate of the token embedding (AdamW), following the same schedule (embedding_lr x
+    lr_at(step) / lr); None: lr. Its weight decay is scaled by lr / embedding_lr, so that it shrinks by
+    the same fraction per step as the other matrices. With tied embeddings it is the head's rate too."""
     muon_lr: float = 0.02
     """muon: Muon's peak learning rate; it follows the same schedule (muon_lr x lr_at(step) / lr)."""
     muon_weight_decay: float = 0.0
@@ -100,6 +104,8 @@ class OptimConfig:
                             f"{self.decay_steps - self.warmup_steps}], got {self.cooldown_steps}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            problems.append(f"embedding_lr must be > 0 (or null: lr), got {self.embedding_lr}")
         if self.muon_lr < 0 or self.muon_weight_decay < 0:
             problems.append(f"muon_lr and muon_weight_decay must be >= 0, got {self.muon_lr}, {self.muon_weight_decay}")
         if not 0 <= self.muon_momentum < 1:
@@ -138,12 +144,22 @@ class OptimConfig:
 
 def adamw(model: torch.nn.Module, o: OptimConfig, params: Optional[list] = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings, none on norm weights (of ``params``, by
-    default every parameter of ``model``)."""
+    default every parameter of ``model``); with ``embedding_lr``, the token embedding in a third group
+    at its own rate. ``lr_ratios`` holds each group's peak over ``lr`` (read by tinytrain.train.step)."""
     params = list(model.parameters()) if params is None else params
-    decay = [p for p in params if p.ndim >= 2]
+    table = model.embed_tokens.weight
+    embedding = [table] if o.embedding_lr is not None and any(p is table for p in params) else []
+    decay = [p for p in params if p.ndim >= 2 and not any(p is e for e in embedding)]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+    ratios = [1.0, 1.0]
+    if embedding:  # only then a third group: checkpoints of runs without it keep their two
+        ratio = o.embedding_lr / o.lr if o.lr > 0 else 0.0
+        groups.append({"params": embedding, "weight_decay": o.weight_decay / ratio if ratio else 0.0})
+        ratios.append(ratio)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr_at(0), betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+    optimizer.lr_ratios = ratios
+    return optimizer
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -159,6 +175,29 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
                        nesterov=True, ns_steps=o.muon_ns_steps,
                        adjust_lr_fn=None if o.muon_adjust_lr == "original" else o.muon_adjust_lr)
     return MuonAdamW(adamw(model, o, rest), muon, muon_lr_ratio=o.muon_lr / o.lr if o.lr > 0 else 0.0)
+
+
+def state_layout(o: OptimConfig) -> dict:
+    """What shapes the optimizer's saved state (its parameter groups): kept in every checkpoint, so
+    that a resume with another layout is refused by name before PyTorch fails to load the state."""
+    return {"optimizer": o.optimizer, "embedding_group": o.embedding_lr is not None}
+
+
+def check_state_layout(saved: Optional[dict], o: OptimConfig) -> None:
+    """The checkpoint's optimizer layout (None for checkpoints older than the record) against the recipe's."""
+    if not saved:
+        return
+    now = state_layout(o)
+    if saved.get("optimizer", now["optimizer"]) != now["optimizer"]:
+        raise ConfigError(f"model.optim.optimizer is {now['optimizer']}, but the checkpoint's optimizer state is "
+                          f"{saved['optimizer']}'s; resume with --model.optim.optimizer {saved['optimizer']}, or "
+                          "start a new run from its weights (--model.init_from)")
+    if saved.get("embedding_group", now["embedding_group"]) != now["embedding_group"]:
+        given = "is set" if now["embedding_group"] else "is null"
+        was = "with" if saved["embedding_group"] else "without"
+        raise ConfigError(f"model.optim.embedding_lr {given}, but the checkpoint was trained {was} the embedding's "
+                          "own rate (a different set of optimizer groups); resume with the recipe it was trained with, "
+                          "or start a new run from its weights (--model.init_from)")
 
 
 def muon_ns_dtype(o: OptimConfig, device: torch.device) -> torch.dtype:
