@@ -172,9 +172,13 @@ def tinytrain_in_process(*args, cwd: Path, env: dict | None = None, check: bool 
 
     setup_logging()
     out, err = io.StringIO(), io.StringIO()
-    handlers = [h for name in ("tinytrain", "lightning.pytorch", "lightning.fabric")
-                for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler]
-    streams = [h.setStream(err) for h in handlers]
+    # every plain stream handler of every logger (an earlier test's may hold a stream since closed)
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    handlers = list({id(h): h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler}.values())
+    streams = [h.stream for h in handlers]  # not setStream: it flushes the old stream, which an earlier
+    for h in handlers:                       # test's captured output may have closed
+        h.stream = err
     saved_env, saved_cwd, rng = dict(os.environ), os.getcwd(), torch.random.get_rng_state()
     os.environ.update({"TINYTRAIN_CACHE": str(cwd / "cache"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                        **(env or {})})
@@ -195,7 +199,7 @@ def tinytrain_in_process(*args, cwd: Path, env: dict | None = None, check: bool 
         os.environ.update(saved_env)
         torch.random.set_rng_state(rng)
         for handler, stream in zip(handlers, streams):
-            handler.setStream(stream)
+            handler.stream = stream
     if check and code != 0:
         raise AssertionError(f"tinytrain {' '.join(map(str, args))} failed ({code}):\n{out.getvalue()[-3000:]}\n"
                              f"{err.getvalue()[-6000:]}")
