@@ -1,5 +1,6 @@
-"""Model levers beyond TinyLlama's architecture: QK-norm (model.config.qk_norm) and the z-loss
-(model.z_loss)."""
+"""Model levers beyond TinyLlama's architecture: QK-norm (model.config.qk_norm), the z-loss
+(model.z_loss), logit soft-capping (model.config.logit_softcap) and zero-initialised outputs
+(model.config.zero_init_outputs)."""
 
 import pytest
 import torch
@@ -63,3 +64,91 @@ def test_export_to_hugging_face_refuses_qk_norm_by_name(tmp_path):
 
     with pytest.raises(HFFormatError, match=r"model\.config\.qk_norm"):
         config_to_hf(LlamaConfig.from_name("ci", qk_norm=True), torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_soft_capped_loss_and_its_gradient_match_autograd(chunk):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 9))
+    raw = (x.double() @ w.double().T).flatten(0, 1)
+    capped = 3.0 * torch.tanh(raw / 3.0)
+    reference = torch.nn.functional.cross_entropy(capped, targets.flatten()) \
+        + 1e-2 * (torch.logsumexp(capped, -1) ** 2).mean()
+    expected = torch.autograd.grad(reference, (x, w))
+    got = loss.logits_loss(x, w, targets, chunk, z_loss=1e-2, softcap=3.0)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-6)
+    assert abs(float(got) - float(loss.logits_loss(x, w, targets, chunk, z_loss=1e-2))) > 0.1  # the cap matters here
+    for a, b in zip(torch.autograd.grad(got, (x, w)), expected):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_soft_cap_bounds_the_logits_of_decoding_training_and_evaluation_alike():
+    """The logits a sampler sees, the training loss and the per-token losses of evaluation are one
+    function of the same capped logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig.from_name("ci", logit_softcap=2.0)
+    model = Llama(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # raw logits far beyond the cap
+    idx = torch.randint(0, 512, (2, 17))
+    with torch.no_grad():
+        logits = model(idx[:, :-1])
+    assert float(logits.abs().max()) <= 2.0
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+    torch.testing.assert_close(model(idx[:, :-1], idx[:, 1:], per_token=True).flatten(), expected)
+    torch.testing.assert_close(model(idx[:, :-1], idx[:, 1:]), expected.mean())
+    model.loss_chunk_size = 5
+    torch.testing.assert_close(model(idx[:, :-1], idx[:, 1:]), expected.mean())
+    uncapped = Llama(LlamaConfig.from_name("ci"))
+    uncapped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert float(uncapped(idx[:, :-1]).abs().max()) > 10.0
+
+
+def test_soft_cap_must_be_a_number_at_least_zero():
+    from tinytrain.model.llama import ConfigError
+
+    with pytest.raises(ConfigError, match="logit_softcap must be a number >= 0, got -1"):
+        LlamaConfig.from_name("ci", logit_softcap=-1.0)
+
+
+def test_zero_init_outputs_starts_every_block_as_the_identity_and_the_logits_uniform():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("ci", zero_init_outputs=True))
+    idx = torch.randint(0, 512, (2, 17))
+    with torch.no_grad():
+        x = model.embed_tokens(idx)
+        torch.testing.assert_close(model.hidden(idx), x)
+        assert float(model(idx).abs().max()) == 0.0
+    loss_value = model(idx[:, :-1], idx[:, 1:])
+    assert float(loss_value) == pytest.approx(torch.log(torch.tensor(512.0)).item(), rel=1e-5)
+    loss_value.backward()  # the head learns first; the blocks' input side gets no gradient until it has
+    assert float(model.lm_head.weight.grad.abs().sum()) > 0
+    plain = Llama(LlamaConfig.from_name("ci"))
+    assert all(float(p.abs().sum()) > 0 for p in plain.parameters())
+    tied = Llama(LlamaConfig.from_name("ci", zero_init_outputs=True, tie_word_embeddings=True))
+    assert float(tied.embed_tokens.weight.abs().sum()) > 0  # a tied head is the embedding: never zeroed
+
+
+def test_export_to_hugging_face_refuses_soft_capping_by_name():
+    from tinytrain.store.hf import HFFormatError, config_to_hf
+
+    with pytest.raises(HFFormatError, match=r"model\.config\.logit_softcap"):
+        config_to_hf(LlamaConfig.from_name("ci", logit_softcap=30.0), torch.float32)
+    assert config_to_hf(LlamaConfig.from_name("ci", zero_init_outputs=True), torch.float32)["architectures"] \
+        == ["LlamaForCausalLM"]
+
+
+def test_the_initialisation_is_not_part_of_the_architecture():
+    """A run may resume, or start from a checkpoint, under a recipe whose initialisation differs (the
+    weights are read, not drawn); any other field still refuses, by name."""
+    from tinytrain.store.checkpoint import CheckpointError, check_resumable
+
+    plain = LlamaConfig.from_name("ci")
+    other_init = LlamaConfig.from_name("ci", zero_init_outputs=True, initializer_std=0.02)
+    assert plain.architecture() == other_init.architecture() and plain.differences(other_init, "a", "b") == ""
+    check_resumable({"model_config": other_init.to_dict()}, plain, None, None)
+    with pytest.raises(CheckpointError, match=r"model\.config\.logit_softcap: checkpoint 15\.0, recipe 0\.0"):
+        check_resumable({"model_config": LlamaConfig.from_name("ci", logit_softcap=15.0).to_dict()}, plain, None, None)

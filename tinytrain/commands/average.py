@@ -54,7 +54,7 @@ def average(checkpoints: list[str], out: str | Path, mode: str = "uniform", deca
     sources = [load_pretrained(c, need_tokenizer=True) for c in checkpoints]
     first = sources[0]
     for path, source in zip(checkpoints[1:], sources[1:]):
-        if source.config != first.config:
+        if source.config.trained() != first.config.trained():
             raise CheckpointError(f"{path} has a different architecture from {checkpoints[0]}: "
                                   + source.config.differences(first.config, "this", "first"))
         if source.tokenizer.read_bytes() != first.tokenizer.read_bytes():

@@ -78,6 +78,10 @@ class LlamaConfig:
     """Share the input embedding with the output head (TinyLlama does not)."""
     initializer_std: Optional[float] = None
     """Std of the normal init of embeddings and linears; None means TinyLlama's sqrt(2 / (5 * hidden_size))."""
+    zero_init_outputs: bool = False
+    """Start every block's output projections (o_proj, down_proj) and the output head (unless tied to
+    the embedding) at zero, as modded-nanogpt and nanochat do: each block begins as the identity and
+    the first logits are uniform. Only the initialisation changes, so Hugging Face export is unaffected."""
     logit_scaling_window: Optional[int] = None
     """Entropy-aware ABF (arXiv 2401.07004): the context window the model was trained at. Each query
     at position p (from 0) is multiplied by max(1, log(p + 1) / log(window)), from layer
@@ -85,6 +89,10 @@ class LlamaConfig:
     factor is 1 inside it). None: off. No Hugging Face Llama has it."""
     logit_scaling_from_layer: int = 2
     """The first layer (from 0) whose queries are scaled; the paper leaves the first two alone."""
+    logit_softcap: float = 0.0
+    """> 0: the output logits are logit_softcap x tanh(logits / logit_softcap), in training, evaluation
+    and decoding alike (Gemma 2's final-logit soft-capping at 30; modded-nanogpt's at 15-30). 0: off.
+    No Hugging Face Llama has it, so `convert to-hf` refuses it."""
     qk_norm: bool = False
     """RMSNorm (with a weight, over the head's dimensions) on every head's queries and keys before
     RoPE, as Qwen3 and Gemma 3 do: attention logits stay bounded at high learning rates. No Hugging
@@ -103,8 +111,8 @@ class LlamaConfig:
     """> 0: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the routing scores, moved by
     this much after every step toward equal loads (DeepSeek-V3 used 0.001)."""
 
-    FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_std", "router_aux_loss_coef", "router_jitter_noise",
-                    "router_bias_update_rate")
+    FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_std", "logit_softcap", "router_aux_loss_coef",
+                    "router_jitter_noise", "router_bias_update_rate")
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,7 +143,7 @@ class LlamaConfig:
             if self.num_local_experts > 1 and self.num_experts_per_tok > self.num_local_experts:
                 problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be at most num_local_experts "
                                 f"({self.num_local_experts})")
-            for name in ("router_aux_loss_coef", "router_jitter_noise", "router_bias_update_rate"):
+            for name in ("logit_softcap", "router_aux_loss_coef", "router_jitter_noise", "router_bias_update_rate"):
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                     problems.append(f"{name} must be a number >= 0, got {value!r}")
@@ -215,14 +223,23 @@ class LlamaConfig:
     # What continued pretraining may change in a trained model: its context window.
     CONTEXT_FIELDS = ("max_position_embeddings", "rope_theta", "logit_scaling_window", "logit_scaling_from_layer")
 
+    # What only draws the first weights: trained weights mean the same whatever these said.
+    INIT_FIELDS = ("initializer_std", "zero_init_outputs")
+
     def architecture(self) -> dict:
-        """The fields that fix the weights' meaning: all but the context window's (CONTEXT_FIELDS)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.CONTEXT_FIELDS}
+        """The fields that fix the weights' meaning: all but the context window's (CONTEXT_FIELDS) and
+        the initialisation's (INIT_FIELDS)."""
+        return {k: v for k, v in self.trained().items() if k not in self.CONTEXT_FIELDS}
+
+    def trained(self) -> dict:
+        """Every field but the initialisation's: what a resumed run must keep."""
+        return {k: v for k, v in asdict(self).items() if k not in self.INIT_FIELDS}
 
     def differences(self, other: "LlamaConfig", mine: str, theirs: str) -> str:
-        """'model.config.FIELD: <mine> X, <theirs> Y' for every field that differs; '' if none."""
+        """'model.config.FIELD: <mine> X, <theirs> Y' for every field that differs, the initialisation's
+        aside; '' if none."""
         return ", ".join(f"model.config.{k}: {mine} {v!r}, {theirs} {getattr(other, k)!r}"
-                         for k, v in asdict(self).items() if getattr(other, k) != v)
+                         for k, v in self.trained().items() if getattr(other, k) != v)
 
     def training_flops_per_token(self, seq_len: int) -> int:
         """FLOPs of one training token (forward + backward): 6 N + 12 L H Q T (PaLM, appendix B),
@@ -402,8 +419,14 @@ class Llama(nn.Module):
         std = c.initializer_std if c.initializer_std is not None else math.sqrt(2.0 / (5 * c.hidden_size))
         out_std = 1.0 / math.sqrt(c.hidden_size) / c.num_hidden_layers
         base = seed if seed is not None else int(torch.randint(0, 2**62, (), generator=generator))
+        zeroed = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+        if not c.tie_word_embeddings:
+            zeroed += ("lm_head.weight",)
         for index, (name, p) in enumerate(self.named_parameters()):
-            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            if c.zero_init_outputs and name.endswith(zeroed):
+                with torch.no_grad():
+                    p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 _init_whole(p, out_std, base + index)
             elif p.ndim >= 2:
                 _init_whole(p, std, base + index)
@@ -446,9 +469,9 @@ class Llama(nn.Module):
         """
         x = self.hidden(idx, pos, cache)
         if targets is None:
-            return self.lm_head(self.norm(x))  # (B, T, V)
+            return loss.soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)  # (B, T, V)
         if per_token:
-            return loss.token_losses(self.norm(x), self.lm_head.weight, targets)
+            return loss.token_losses(self.norm(x), self.lm_head.weight, targets, softcap=self.config.logit_softcap)
         if self.moe_layers and self._training_step():
             aux = moe.training_forward(self.moe_layers)
             if self.config.router_aux_loss_coef > 0:
@@ -507,7 +530,8 @@ class Llama(nn.Module):
     def logits_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits x @ weight.T against targets, with the z-loss while training
         (validation reports the cross-entropy alone): the part ``compile_loss`` compiles."""
-        return loss.logits_loss(x, weight, targets, self.loss_chunk_size, self.z_loss if self.training else 0.0)
+        return loss.logits_loss(x, weight, targets, self.loss_chunk_size, self.z_loss if self.training else 0.0,
+                                self.config.logit_softcap)
 
     def new_kv_cache(self, batch: int, length: Optional[int] = None, dtype=None) -> KVCache:
         """An empty cache for decoding ``batch`` sequences of up to ``length`` tokens (default: the

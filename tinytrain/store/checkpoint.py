@@ -267,7 +267,7 @@ def check_resumable(saved: dict, config: LlamaConfig, tokenizer_sha256: Optional
             f"the checkpoint was trained on data tokenized with tokenizer sha256 {saved['tokenizer_sha256']}, but "
             f"the data now given ({tokenizer}) was made with sha256 {tokenizer_sha256}; resume with the original "
             "data, or start a new run (--checkpoint.resume false, or --model.init_from)")
-    if saved.get("model_config") is not None and LlamaConfig(**saved["model_config"]) != config:
+    if saved.get("model_config") is not None and LlamaConfig(**saved["model_config"]).trained() != config.trained():
         raise CheckpointError("the checkpoint was trained with a different model config; differing fields "
                               + LlamaConfig(**saved["model_config"]).differences(config, "checkpoint", "recipe"))
 

@@ -151,6 +151,10 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype, bos_id: int = 1, eos_i
         raise HFFormatError(
             "the model normalises each head's queries and keys (model.config.qk_norm); no Hugging Face Llama "
             "computes that, so an export would be a different model: use the tinytrain checkpoint")
+    if config.logit_softcap:
+        raise HFFormatError(
+            f"the model soft-caps its output logits at {config.logit_softcap} (model.config.logit_softcap); no "
+            "Hugging Face Llama computes that, so an export would be a different model: use the tinytrain checkpoint")
     if config.router_bias_update_rate > 0:
         raise HFFormatError(
             "the model routes tokens with a learnt per-expert bias (model.config.router_bias_update_rate, "

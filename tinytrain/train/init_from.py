@@ -41,7 +41,7 @@ def load_initial_weights(model: Llama, init_from: str, config: LlamaConfig) -> N
     if source.config.architecture() != config.architecture():
         raise ConfigError(f"model.init_from {init_from} has a different architecture: "
                           + source.config.differences(config, "init_from", "recipe"))
-    if source.config != config:  # only the context window: a context extension
+    if source.config.trained() != config.trained():  # only the context window: a context extension
         log.info("extending the context of %s: %s", init_from, source.config.differences(config, "from", "to"))
     parallel.load_full_weights(model, source.weights())
     log.info("initialised from %s", init_from)
