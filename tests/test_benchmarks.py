@@ -278,14 +278,14 @@ def test_newton_schulz_flops_at_tinyllama_shape():
 def test_tiny_levers_benchmark_gives_each_variant_the_seconds_its_probed_speed_buys(code_corpus, tmp_path):
     result = run_benchmark("tiny_levers.py", "--recipe", str(ROOT / "recipes" / "ci.yaml"), "--corpus",
                            str(code_corpus), "--val_fraction", "0.1", "--seconds", "0.001", "--probe_steps", "10",
-                           "--only", "adamw", "--", "--data.corpus", str(code_corpus), "--data.val_fraction", "0.1",
+                           "--only", "recipe", "--", "--data.corpus", str(code_corpus), "--data.val_fraction", "0.1",
                            "--trainer.val_check_interval", "5", "--checkpoint.every_n_steps", "10",
                            out=tmp_path / "levers.json", timeout=600)
-    row = result["rows"]["adamw"]
+    row = result["rows"]["recipe"]
     assert row["probe_tokens_per_s"] > 0 and row["steps"] == 10  # the fewest steps a variant gets
     assert row["tokens"] == 10 * 16 * 64 and row["bits_per_byte"] > 0
     assert [r["step"] for r in row["validation_timeline"]] == [5, 10] and row["val_bpb_last"] > 0
-    assert result["bits_per_byte_minus_adamw"] == {"adamw": 0.0} and isinstance(result["amx"], bool)
+    assert result["bits_per_byte_minus_recipe"] == {"recipe": 0.0} and isinstance(result["amx"], bool)
 
 
 def test_local_sgd_benchmarks_read_loss_against_wall_time_from_a_run(tmp_path):
