@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # rate the recipe was swept to when it trained with AdamW (the embedding keeps its own rate, the
 # schedule stays).
 ADAMW = ["--model.optim.optimizer", "adamw", "--model.optim.lr", "3e-3"]
-QK_NORM = ["--model.config.qk_norm", "true"]
+NO_QK_NORM = ["--model.config.qk_norm", "false"]  # the recipe has it
 Z_LOSS = ["--model.z_loss", "1e-4"]
 SOFTCAP = ["--model.config.logit_softcap", "15"]
 ZERO_INIT = ["--model.config.zero_init_outputs", "true"]
@@ -40,12 +40,12 @@ VARIANTS = {
     "recipe": [],
     "adamw": ADAMW,
     "muon-bf16-ns": ["--model.optim.muon_ns_dtype", "bfloat16"],
-    "qk-norm": QK_NORM,
+    "no-qk-norm": NO_QK_NORM,
     "z-loss": Z_LOSS,
     "softcap": SOFTCAP,
     "zero-init": ZERO_INIT,
     "compile": COMPILE,
-    "all": [*QK_NORM, *Z_LOSS, *SOFTCAP, *ZERO_INIT, *COMPILE],
+    "all": [*Z_LOSS, *SOFTCAP, *ZERO_INIT, *COMPILE],
 }
 
 
