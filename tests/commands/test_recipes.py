@@ -81,9 +81,10 @@ TUNED_WITH_MUON = ("optimizer", "muon_lr", "embedding_lr", "lr", "schedule", "co
 
 def test_moe_recipes_match_their_dense_twins_but_for_the_experts():
     """Same data, length, warmup, decay and attention as the dense recipe (AdamW where the dense one has
-    Muon, which refuses the experts' 3-D weights; the dense one's learning rate, schedule shape and
-    embedding rate were tuned with Muon, so tiny-moe keeps AdamW's own); a token's MLP costs the same
-    in tiny-moe (2 experts of half the width), and TinyLlama's MLP is each of the 1.1B MoE's experts."""
+    Muon, which refuses the experts' 3-D weights; the dense one's learning rate, schedule shape,
+    embedding rate and QK-norm were tuned with Muon, so tiny-moe keeps AdamW's own and no QK-norm); a
+    token's MLP costs the same in tiny-moe (2 experts of half the width), and TinyLlama's MLP is each of
+    the 1.1B MoE's experts."""
     for dense, sparse in (("tiny", "tiny-moe"), ("tinyllama-1.1b", "tinyllama-1.1b-moe")):
         d, s = (yaml.safe_load((RECIPES / f"{name}.yaml").read_text()) for name in (dense, sparse))
         shared = [{k: v for k, v in r["model"]["optim"].items() if k not in TUNED_WITH_MUON} for r in (d, s)]
@@ -92,7 +93,9 @@ def test_moe_recipes_match_their_dense_twins_but_for_the_experts():
             {k: v for k, v in s["data"].items() if k != "micro_batch_size"}
         dc, sc = LlamaConfig.from_name(dense), LlamaConfig.from_name(sparse)
         assert sc.moe and sc.num_experts_per_tok * sc.intermediate_size in (dc.intermediate_size, 2 * dc.intermediate_size)
-    assert LlamaConfig.from_name("tiny-moe").num_active_params() - LlamaConfig.from_name("tiny").num_params() == 6 * 8 * 192
+    assert LlamaConfig.from_name("tiny").qk_norm and not LlamaConfig.from_name("tiny-moe").qk_norm
+    assert LlamaConfig.from_name("tiny-moe").num_active_params() \
+        - LlamaConfig.from_name("tiny", qk_norm=False).num_params() == 6 * 8 * 192
 
 
 def test_tinyllama_recipe_demands_a_data_path():
