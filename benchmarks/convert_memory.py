@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/convert_memory.json")
     args = parser.parse_args(argv)
 
-    config = LlamaConfig.from_name(args.preset)
+    config = LlamaConfig.from_name(args.preset, qk_norm=False)  # a Hugging Face Llama has no QK-norm
     dtype = getattr(torch, args.dtype)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tt-convert-"))
     try:

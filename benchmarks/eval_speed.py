@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     from tinytrain.eval.harness import TinyTrainLM
     from tinytrain.store.checkpoint import load_checkpoint
 
-    config = LlamaConfig.from_name(args.preset)
+    config = LlamaConfig.from_name(args.preset, qk_norm=False)  # a Hugging Face Llama has no QK-norm
     docs = [text for _, text in read_documents(list_corpus_files(stdlib_dir()))]
     choice, rolling = requests(docs, args.questions)
     times: dict[str, dict[str, list[float]]] = {"tinytrain": {"loglikelihood": [], "rolling": []},

@@ -72,7 +72,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    config = LlamaConfig.from_name(args.preset, max_position_embeddings=max(args.seq, 16))
+    # qk_norm off: a Hugging Face Llama has none (the tiny preset has it)
+    config = LlamaConfig.from_name(args.preset, max_position_embeddings=max(args.seq, 16), qk_norm=False)
     ours = Llama(config)
     theirs, hf_version = hf_model(config, ours)
     ours.train()
