@@ -420,14 +420,13 @@ class Llama(nn.Module):
         std = c.initializer_std if c.initializer_std is not None else math.sqrt(2.0 / (5 * c.hidden_size))
         out_std = 1.0 / math.sqrt(c.hidden_size) / c.num_hidden_layers
         base = seed if seed is not None else int(torch.randint(0, 2**62, (), generator=generator))
-        zeroed = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
-        if not c.tie_word_embeddings:
-            zeroed += ("lm_head.weight",)
+        outputs = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+        zeroed = outputs + (() if c.tie_word_embeddings else ("lm_head.weight",))
         for index, (name, p) in enumerate(self.named_parameters()):
             if c.zero_init_outputs and name.endswith(zeroed):
                 with torch.no_grad():
                     p.zero_()
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            elif name.endswith(outputs):
                 _init_whole(p, out_std, base + index)
             elif p.ndim >= 2:
                 _init_whole(p, std, base + index)
