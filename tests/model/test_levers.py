@@ -1,6 +1,6 @@
 """Model levers beyond TinyLlama's architecture: QK-norm (model.config.qk_norm), the z-loss
-(model.z_loss), logit soft-capping (model.config.logit_softcap) and zero-initialised outputs
-(model.config.zero_init_outputs)."""
+(model.z_loss), logit soft-capping (model.config.logit_softcap), zero-initialised outputs
+(model.config.zero_init_outputs) and value embeddings (model.config.value_embeddings)."""
 
 import pytest
 import torch
@@ -141,3 +141,65 @@ def test_the_initialisation_is_not_part_of_the_architecture():
     check_resumable({"model_config": other_init.to_dict()}, plain, None, None)
     with pytest.raises(CheckpointError, match=r"model\.config\.logit_softcap: checkpoint 15\.0, recipe 0\.0"):
         check_resumable({"model_config": LlamaConfig.from_name("ci", logit_softcap=15.0).to_dict()}, plain, None, None)
+
+
+def test_value_embeddings_add_a_token_table_to_the_values_of_the_first_and_last_blocks():
+    """Table j feeds block j and block L - k + j; the model with its tables at zero is the plain model;
+    incremental decoding agrees with the whole-sequence forward; the tables learn; FLOPs count them as
+    lookups (no 6N term)."""
+    torch.manual_seed(0)
+    config = LlamaConfig.from_name("ci", num_hidden_layers=4, value_embeddings=2)
+    assert config.value_embedding_tables == [0, 1, 0, 1]
+    assert LlamaConfig.from_name("ci", num_hidden_layers=5, value_embeddings=1).value_embedding_tables == \
+        [0, None, None, None, 0]
+    model = Llama(config).eval()
+    assert list(dict(model.named_parameters())) == list(config.parameter_shapes())
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()}["value_embeds.1.weight"] == (512, 2 * 16)
+    assert sum(p.numel() for p in model.parameters()) == config.num_params()
+    plain_config = LlamaConfig.from_name("ci", num_hidden_layers=4)
+    assert config.num_params(include_embedding=False) == plain_config.num_params(include_embedding=False)
+    assert config.training_flops_per_token(64) == plain_config.training_flops_per_token(64)
+
+    idx = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_kv_cache(2)
+        parts = torch.cat([model(idx[:, :10], cache=cache), model(idx[:, 10:], pos=10, cache=cache)], dim=1)
+        torch.testing.assert_close(parts, full, atol=1e-5, rtol=1e-5)
+        plain = Llama(plain_config).eval()
+        plain.load_weights({k: v for k, v in model.state_dict().items() if not k.startswith("value_embeds.")})
+        assert not torch.allclose(plain(idx), full, atol=1e-3)
+        for table in model.value_embeds:
+            table.weight.zero_()
+        torch.testing.assert_close(model(idx), plain(idx))
+
+    model.train()
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    used = idx[:, :-1].unique()
+    for table in model.value_embeds:
+        grad = table.weight.grad
+        assert float(grad[used].abs().sum(dim=1).min()) > 0 and float(grad.abs().sum()) == float(grad[used].abs().sum())
+
+
+def test_value_embeddings_are_at_most_half_the_blocks_and_export_refuses_them():
+    from tinytrain.errors import ConfigError
+    from tinytrain.store.hf import HFFormatError, config_to_hf
+
+    with pytest.raises(ConfigError, match=r"value_embeddings \(2\) must be at most half of num_hidden_layers \(2\)"):
+        LlamaConfig.from_name("ci", value_embeddings=2)
+    with pytest.raises(ConfigError, match="value_embeddings must be an integer >= 0, got -1"):
+        LlamaConfig.from_name("ci", value_embeddings=-1)
+    with pytest.raises(HFFormatError, match=r"model\.config\.value_embeddings"):
+        config_to_hf(LlamaConfig.from_name("ci", value_embeddings=1), torch.float32)
+
+
+def test_value_embeddings_train_with_the_token_embedding_not_with_muon():
+    from tinytrain.train.optim import OptimConfig, build_optimizer
+
+    model = Llama(LlamaConfig.from_name("ci", value_embeddings=1))
+    optimizer = build_optimizer(model, OptimConfig(optimizer="muon", embedding_lr=0.3, lr=1e-2))
+    table, embedding = model.value_embeds[0].weight, model.embed_tokens.weight
+    assert not any(p is table for group in optimizer.muon.param_groups for p in group["params"])
+    groups = [g for g in optimizer.adamw.param_groups if any(p is table for p in g["params"])]
+    assert len(groups) == 1 and any(p is embedding for p in groups[0]["params"])
+    assert optimizer.adamw.param_groups.index(groups[0]) == 2 and optimizer.adamw.lr_ratios[2] == pytest.approx(30.0)

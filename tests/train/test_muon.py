@@ -257,11 +257,12 @@ def test_a_muon_run_resumes_exactly(muon_runs, strategy):
 @pytest.mark.slow
 def test_muon_with_the_model_levers_resumes_exactly_under_fsdp2(muon_runs):
     """Muon, the embedding's own rate, QK-norm, the z-loss, soft-capped logits, zero-initialised outputs, a
-    moving average and spike recovery together, on 2 processes: a run resumed from its step-4 checkpoint
-    ends at the uninterrupted run's weights and average."""
+    value embedding, a moving average and spike recovery together, on 2 processes: a run resumed from its
+    step-4 checkpoint ends at the uninterrupted run's weights and average."""
     levers = (*FSDP2_2, "--model.config.qk_norm", "true", "--model.z_loss", "1e-4", "--model.ema_decay", "0.9",
               "--model.spikes.enabled", "true", "--model.optim.embedding_lr", "0.01",
-              "--model.config.logit_softcap", "15", "--model.config.zero_init_outputs", "true")
+              "--model.config.logit_softcap", "15", "--model.config.zero_init_outputs", "true",
+              "--model.config.value_embeddings", "1")
     straight = muon_runs("levers", *levers)
     resumed = muon_runs("levers-from-4", *levers, resume_from_4="levers")
     assert train_losses(straight)[0] > train_losses(straight)[7] + 0.5
@@ -269,7 +270,7 @@ def test_muon_with_the_model_levers_resumes_exactly_under_fsdp2(muon_runs):
         ckpt = "runs/ci/checkpoints/step-00000008"
         a = load_model_weights(straight / ckpt, average=average)
         b = load_model_weights(resumed / ckpt, average=average)
-        assert "layers.0.self_attn.q_norm.weight" in a
+        assert "layers.0.self_attn.q_norm.weight" in a and "value_embeds.0.weight" in a
         assert float(a["layers.0.mlp.down_proj.weight"].abs().sum()) > 0  # zero at the start, trained since
         for k in a:
             assert torch.equal(a[k], b[k]), (average, k)

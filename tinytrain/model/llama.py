@@ -98,6 +98,12 @@ class LlamaConfig:
     """RMSNorm (with a weight, over the head's dimensions) on every head's queries and keys before
     RoPE, as Qwen3 and Gemma 3 do: attention logits stay bounded at high learning rates. No Hugging
     Face Llama has it, so `convert to-hf` refuses it."""
+    value_embeddings: int = 0
+    """Value embeddings (modded-nanogpt): this many more token-embedding tables, each as wide as a block's
+    values (num_key_value_heads x head_dim). Table j is added to the attention values of block j and of
+    block num_hidden_layers - value_embeddings + j, so the first and the last blocks share them; at most
+    num_hidden_layers / 2. They add parameters (trained with the token embedding, at embedding_lr) and
+    next to no FLOPs. 0: none. No Hugging Face Llama has them, so `convert to-hf` refuses them."""
     num_local_experts: int = 1
     """1: every block's MLP is one SwiGLU. More: a Mixtral mixture of that many SwiGLU experts of
     intermediate_size each, a router choosing num_experts_per_tok of them per token (model/moe.py)."""
@@ -123,7 +129,7 @@ class LlamaConfig:
                 continue
             if f.name == "logit_scaling_window" and value is None:
                 continue
-            if f.name == "logit_scaling_from_layer":
+            if f.name in ("logit_scaling_from_layer", "value_embeddings"):
                 if not isinstance(value, int) or value < 0:
                     problems.append(f"{f.name} must be an integer >= 0, got {value!r}")
                 continue
@@ -141,6 +147,9 @@ class LlamaConfig:
                 )
             if self.logit_scaling_window is not None and self.logit_scaling_window < 2:
                 problems.append(f"logit_scaling_window must be >= 2 (a log base), got {self.logit_scaling_window}")
+            if 2 * self.value_embeddings > self.num_hidden_layers:
+                problems.append(f"value_embeddings ({self.value_embeddings}) must be at most half of num_hidden_layers "
+                                f"({self.num_hidden_layers}): each table serves one of the first and one of the last blocks")
             if self.num_local_experts > 1 and self.num_experts_per_tok > self.num_local_experts:
                 problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be at most num_local_experts "
                                 f"({self.num_local_experts})")
@@ -156,6 +165,12 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def value_embedding_tables(self) -> list[Optional[int]]:
+        """For each block, the index of the value-embedding table added to its values (None: none)."""
+        k, n = self.value_embeddings, self.num_hidden_layers
+        return [i if i < k else i - (n - k) if i >= n - k else None for i in range(n)] if k else [None] * n
 
     @property
     def moe(self) -> bool:
@@ -178,6 +193,8 @@ class LlamaConfig:
         there is one. The one place shapes are known without a model."""
         d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
         shapes = {"embed_tokens.weight": (self.vocab_size, d)}
+        for j in range(self.value_embeddings):
+            shapes[f"value_embeds.{j}.weight"] = (self.vocab_size, self.num_key_value_heads * hd)
         for n in range(self.num_hidden_layers):
             p = f"layers.{n}."
             shapes.update({
@@ -204,10 +221,13 @@ class LlamaConfig:
         return shapes
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Exact parameter count, from the shapes (no model needed). Without the embedding, a tied
-        matrix still counts once, as the output head."""
+        """Exact parameter count, from the shapes (no model needed). Without the embedding (nor the value
+        embeddings: lookups, not products), a tied matrix still counts once, as the output head."""
         n = sum(math.prod(shape) for name, shape in self.parameter_shapes().items() if not name.endswith("expert_bias"))
-        return n - self.vocab_size * self.hidden_size if not include_embedding and not self.tie_word_embeddings else n
+        if include_embedding:
+            return n
+        n -= self.value_embeddings * self.vocab_size * self.num_key_value_heads * self.head_dim
+        return n if self.tie_word_embeddings else n - self.vocab_size * self.hidden_size
 
     def num_active_params(self, include_embedding: bool = True) -> int:
         """Parameters one token is computed with: all of them but the experts it is not routed to."""
@@ -323,11 +343,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
                 documents: Optional[attention.Documents] = None, query_scale: Optional[torch.Tensor] = None,
-                kv: Optional[LayerKV] = None) -> torch.Tensor:
+                kv: Optional[LayerKV] = None, ve: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x)
+        if ve is not None:  # the token's value embedding (LlamaConfig.value_embeddings)
+            v = v + ve.to(v.dtype)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # (B, T, heads, hd) -> (B, heads, T, hd)
@@ -368,9 +391,9 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int = 0,
                 documents: Optional[attention.Documents] = None, query_scale: Optional[torch.Tensor] = None,
-                kv: Optional[LayerKV] = None) -> torch.Tensor:
+                kv: Optional[LayerKV] = None, ve: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, documents,
-                               query_scale if self.scaled else None, kv)
+                               query_scale if self.scaled else None, kv, ve)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -380,6 +403,8 @@ class Llama(nn.Module):
         attention.forget_notes()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.num_key_value_heads * config.head_dim)
+                                          for _ in range(config.value_embeddings))
         self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -507,13 +532,15 @@ class Llama(nn.Module):
             query_scale = ((positions + 1).float().log() / math.log(self.config.logit_scaling_window)).clamp(min=1.0)
             query_scale = query_scale[..., None] if positions.dim() == 1 else query_scale[:, None, :, None]
         x = self.embed_tokens(idx)  # (B, T, d)
+        tables = [table(idx) for table in self.value_embeds]  # (B, T, kv width) each
+        ves = [None if j is None else tables[j] for j in self.config.value_embedding_tables]
         if cache is not None:
-            for block, kv in zip(self.layers, cache.layers):
-                x = block(x, cos, sin, pos, None, query_scale, kv)
+            for block, kv, ve in zip(self.layers, cache.layers, ves):
+                x = block(x, cos, sin, pos, None, query_scale, kv, ve)
             return x
         layers = self.compiled_layers if self.compiled_layers and self._training_step() else self.layers
-        for block in layers:
-            x = block(x, cos, sin, pos, documents, query_scale)
+        for block, ve in zip(layers, ves):
+            x = block(x, cos, sin, pos, documents, query_scale, None, ve)
         return x
 
     def _training_step(self) -> bool:

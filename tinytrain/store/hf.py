@@ -151,6 +151,11 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype, bos_id: int = 1, eos_i
         raise HFFormatError(
             "the model normalises each head's queries and keys (model.config.qk_norm); no Hugging Face Llama "
             "computes that, so an export would be a different model: use the tinytrain checkpoint")
+    if config.value_embeddings:
+        raise HFFormatError(
+            f"the model adds {config.value_embeddings} value-embedding table(s) to its attention values "
+            "(model.config.value_embeddings); no Hugging Face Llama computes that, so an export would be a "
+            "different model: use the tinytrain checkpoint")
     if config.logit_softcap:
         raise HFFormatError(
             f"the model soft-caps its output logits at {config.logit_softcap} (model.config.logit_softcap); no "

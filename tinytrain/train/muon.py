@@ -46,8 +46,8 @@ def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 def is_hidden_matrix(name: str, ndim: int) -> bool:
-    """The parameters Muon trains: every 2-D weight but the embedding and the output head."""
-    return ndim == 2 and not name.startswith(("embed_tokens.", "lm_head."))
+    """The parameters Muon trains: every 2-D weight but the embeddings and the output head."""
+    return ndim == 2 and not name.startswith(("embed_tokens.", "value_embeds.", "lm_head."))
 
 
 def _shard_dim(p) -> int:
