@@ -48,11 +48,52 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(model_and_ba
 
 
 @pytest.mark.slow
-def test_compiled_blocks_give_the_same_loss_and_gradients(model_and_batch):
+@pytest.mark.parametrize("value_embeddings", [0, 1], ids=["plain", "value-embeddings"])
+def test_compiled_blocks_give_the_same_loss_and_gradients(model_and_batch, value_embeddings):
     model, idx, targets = model_and_batch
+    if value_embeddings:  # blocks that take a value embedding (the first and the last) and blocks that do not
+        model = Llama(LlamaConfig.from_name("ci", num_hidden_layers=3, value_embeddings=value_embeddings))
     compiled = copy.deepcopy(model)
     parallel.apply_compile(compiled)
     assert_same_loss_and_grads(model, compiled, idx, targets, 1e-5, 1e-4, 1e-6)
+
+
+@pytest.mark.slow
+def test_compile_auto_compiles_where_torch_compile_works_and_not_where_it_fails(tmp_path):
+    """`model.compile: auto` on a CPU: with the C++ compiler Inductor uses, the blocks and the loss are
+    compiled; with none (CXX naming a missing program, and an empty Inductor cache so that nothing built
+    before is reused) training goes on eager, saying why."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from tinytrain.model.llama import LlamaConfig\nfrom tinytrain.train import parallel\n"
+            "m = parallel.build(LlamaConfig.from_name('ci'), parallel.Switches(compile='auto', compile_loss='auto'))\n"
+            "print('compiled', bool(m.compiled_layers), m.compiled_logits_loss is not None)\n")
+
+    def run(cxx):
+        env = {**os.environ, "CXX": cxx, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cxx.replace("/", "_"))}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+    missing = run("/nonexistent/c++")
+    assert missing.returncode == 0, missing.stderr
+    assert "compiled False False" in missing.stdout
+    assert "model.compile / compile_loss auto: off (torch.compile failed here:" in missing.stderr
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine")
+    found = run(compiler)
+    assert found.returncode == 0, found.stderr
+    assert "compiled True True" in found.stdout and "auto: on (torch.compile works on cpu here)" in found.stderr
+
+
+def test_compile_switches_are_true_false_or_auto():
+    from tinytrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.compile_loss must be true, false or auto, got 'yes'"):
+        parallel.Switches(compile_loss="yes")
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])

@@ -11,7 +11,7 @@ is a pure function of the step (nothing to restore on resume).
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -46,11 +46,11 @@ class LitLlama(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         attention: str = "auto",
         activation_checkpointing: bool = False,
-        compile: bool = False,
+        compile: Union[bool, Literal["auto"]] = False,
         init_from: Optional[str] = None,
         peak_flops: Optional[float] = None,
         loss_chunk_size: int = 0,
-        compile_loss: bool = False,
+        compile_loss: Union[bool, Literal["auto"]] = False,
         float8: bool = False,
         document_masking: bool = False,
         document_positions: bool = False,
@@ -68,7 +68,8 @@ class LitLlama(L.LightningModule):
                 chooses the kernel), "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math" (that SDPA
                 kernel only), "flash-attn", or "flex" (document masking through FlexAttention).
             activation_checkpointing: Recompute each block's activations in backward, to save memory.
-            compile: torch.compile each transformer block.
+            compile: torch.compile each transformer block; "auto": if torch.compile works here (a one-line
+                function compiled and run at the start: on a CPU it needs a C++ compiler).
             init_from: Start from these weights (a tinytrain checkpoint folder, e.g. one made by
                 `tinytrain convert from-hf`, or a Hugging Face Llama folder) with a fresh optimizer
                 and step 0. Ignored when resuming a run from its own checkpoint.
@@ -77,7 +78,7 @@ class LitLlama(L.LightningModule):
                 at the start of training.
             loss_chunk_size: > 0 computes the loss this many tokens at a time, never holding fp32
                 logits for the whole micro-batch (0: the plain cross-entropy).
-            compile_loss: torch.compile the output head and cross-entropy.
+            compile_loss: torch.compile the output head and cross-entropy; "auto" as for compile.
             float8: Experimental. Float8 matmuls in the blocks' linear layers (torchao, dynamic
                 tensorwise scaling; needs compute capability 8.9+, e.g. H100). Changes the numerics.
             document_masking: Tokens attend only within their own document (documents start with BOS

@@ -6,9 +6,10 @@ No Lightning here: the Lightning strategy that drives FSDP2 is tinytrain.train.s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -30,10 +31,11 @@ class Switches:
     "flex" (document masking through FlexAttention, as auto and sdpa do on CUDA without flash-attn)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward, to save memory."""
-    compile: bool = False
-    """torch.compile each transformer block."""
-    compile_loss: bool = False
-    """torch.compile the output head and cross-entropy."""
+    compile: Union[bool, Literal["auto"]] = False
+    """torch.compile each transformer block; "auto": where a one-line function compiles and runs here
+    (see ``compile_works``)."""
+    compile_loss: Union[bool, Literal["auto"]] = False
+    """torch.compile the output head and cross-entropy; "auto" as for compile."""
     loss_chunk_size: int = 0
     """> 0 computes the loss this many tokens at a time, never holding fp32 logits for the whole micro-batch."""
     float8: bool = False
@@ -44,6 +46,9 @@ class Switches:
     """With document_masking, RoPE positions restart at each document (Llama 3 does not restart)."""
 
     def __post_init__(self) -> None:
+        for name in ("compile", "compile_loss"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ConfigError(f"model.{name} must be true, false or auto, got {getattr(self, name)!r}")
         if self.loss_chunk_size < 0:
             raise ConfigError(f"model.loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
         if self.document_positions and not self.document_masking:
@@ -192,10 +197,32 @@ def prepare(model: Llama, switches: Switches = Switches(), device: Optional[torc
         apply_float8(model, device)
     if switches.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if switches.compile:
+    works = False
+    if switches.compile == "auto" or switches.compile_loss == "auto":
+        works, why = compile_works(torch.device(device).type if device is not None else "cpu")
+        log.info("model.compile / compile_loss auto: %s (%s)", "on" if works else "off", why)
+    if switches.compile is True or (switches.compile == "auto" and works):
         apply_compile(model)
-    if switches.compile_loss:
+    if switches.compile_loss is True or (switches.compile_loss == "auto" and works):
         apply_compile_loss(model)
+
+
+@functools.lru_cache(maxsize=None)
+def compile_works(device_type: str) -> tuple[bool, str]:
+    """Whether torch.compile works on ``device_type`` in this process, and why: found by compiling and
+    running a one-line function (a second or two, once per process). On a CPU, Inductor needs a C++
+    compiler and Python's headers, which a laptop may lack; on CUDA, Triton. Apple MPS is not tried."""
+    if device_type not in ("cpu", "cuda"):
+        return False, f"{device_type}: not measured"
+    try:
+        probe = torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)
+        x = torch.arange(8.0, device=device_type)
+        if not torch.equal(probe(x), x * 2.0 + 1.0):
+            return False, "a compiled probe gave wrong values"
+    except Exception as e:  # whatever the toolchain raises: no compiler, no headers, no Triton
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return False, f"torch.compile failed here: {type(e).__name__}: {first}"
+    return True, f"torch.compile works on {device_type} here"
 
 
 def build_sharded(config, mesh, device: torch.device, param_dtype: Optional[torch.dtype] = None,
