@@ -10,6 +10,10 @@ from typing import Optional
 
 from tinytrain.store.provenance import environment
 
+# What a Hugging Face Llama does not compute, turned off: the benchmarks that compare with
+# transformers build their model with LlamaConfig.from_name(preset, **HF_LLAMA).
+HF_LLAMA = {"qk_norm": False, "value_embeddings": 0}
+
 
 def command(name: str, argv: Optional[list[str]] = None) -> str:
     """The command line that reproduces a run, shell-quoted so it can be pasted back."""

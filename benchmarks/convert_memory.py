@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command, machine, write_result
+from benchmarks.common import HF_LLAMA, command, machine, write_result
 from tinytrain.data.tokenizer import train_tokenizer
 from tinytrain.model.llama import LlamaConfig
 from tinytrain.store import hf
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/convert_memory.json")
     args = parser.parse_args(argv)
 
-    config = LlamaConfig.from_name(args.preset, qk_norm=False)  # a Hugging Face Llama has no QK-norm
+    config = LlamaConfig.from_name(args.preset, **HF_LLAMA)
     dtype = getattr(torch, args.dtype)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tt-convert-"))
     try:

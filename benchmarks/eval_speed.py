@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command, machine, write_result
+from benchmarks.common import HF_LLAMA, command, machine, write_result
 from tinytrain.data.corpus import list_corpus_files, read_documents, stdlib_dir
 from tinytrain.data.tokenizer import train_tokenizer
 from tinytrain.model.llama import Llama, LlamaConfig
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     from tinytrain.eval.harness import TinyTrainLM
     from tinytrain.store.checkpoint import load_checkpoint
 
-    config = LlamaConfig.from_name(args.preset, qk_norm=False)  # a Hugging Face Llama has no QK-norm
+    config = LlamaConfig.from_name(args.preset, **HF_LLAMA)
     docs = [text for _, text in read_documents(list_corpus_files(stdlib_dir()))]
     choice, rolling = requests(docs, args.questions)
     times: dict[str, dict[str, list[float]]] = {"tinytrain": {"loglikelihood": [], "rolling": []},

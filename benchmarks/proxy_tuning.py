@@ -95,7 +95,9 @@ def fit(work: Path, name: str, data: Path, shape: tuple, scale: dict, steps: int
             "--model.optim.min_lr", str(lr / 100), "--model.optim.warmup_steps", str(min(20, steps // 5)),
             "--trainer.val_check_interval", str(steps), "--checkpoint.every_n_steps", str(steps),
             "--trainer.default_root_dir", run, "--trainer.logger.init_args.save_dir", run,
-            "--model.optim.optimizer", "adamw"]  # the recipe's shape and schedule, with the optimizer measured here
+            # the recipe's schedule at these shapes, with the optimizer and architecture measured here
+            "--model.optim.optimizer", "adamw", "--model.config.value_embeddings", "0",
+            "--model.compile", "false", "--model.compile_loss", "false"]
     if init_from is not None:
         args += ["--model.init_from", str(init_from), "--data.step_offset", "0"]
     env = {**os.environ, "TINYTRAIN_CACHE": str(work / "cache"), "WANDB_MODE": "offline"}

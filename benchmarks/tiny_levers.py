@@ -31,21 +31,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # rate the recipe was swept to when it trained with AdamW (the embedding keeps its own rate, the
 # schedule stays).
 ADAMW = ["--model.optim.optimizer", "adamw", "--model.optim.lr", "3e-3"]
-NO_QK_NORM = ["--model.config.qk_norm", "false"]  # the recipe has it
+# The recipe has QK-norm, value embeddings and compilation (where torch.compile works): a variant each
+# without; and each switch it leaves off, alone and all together.
+NO_QK_NORM = ["--model.config.qk_norm", "false"]
+NO_VALUE_EMBEDDINGS = ["--model.config.value_embeddings", "0"]
+NO_COMPILE = ["--model.compile", "false", "--model.compile_loss", "false"]
 Z_LOSS = ["--model.z_loss", "1e-4"]
 SOFTCAP = ["--model.config.logit_softcap", "15"]
 ZERO_INIT = ["--model.config.zero_init_outputs", "true"]
-COMPILE = ["--model.compile", "true"]
 VARIANTS = {
     "recipe": [],
     "adamw": ADAMW,
     "muon-bf16-ns": ["--model.optim.muon_ns_dtype", "bfloat16"],
     "no-qk-norm": NO_QK_NORM,
+    "no-value-embeddings": NO_VALUE_EMBEDDINGS,
+    "no-compile": NO_COMPILE,
     "z-loss": Z_LOSS,
     "softcap": SOFTCAP,
     "zero-init": ZERO_INIT,
-    "compile": COMPILE,
-    "all": [*Z_LOSS, *SOFTCAP, *ZERO_INIT, *COMPILE],
+    "all": [*Z_LOSS, *SOFTCAP, *ZERO_INIT],
 }
 
 

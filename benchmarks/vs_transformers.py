@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import command, machine, write_result
+from benchmarks.common import HF_LLAMA, command, machine, write_result
 from tinytrain.model.llama import Llama, LlamaConfig
 from tinytrain.train import parallel
 
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     # qk_norm off: a Hugging Face Llama has none (the tiny preset has it)
-    config = LlamaConfig.from_name(args.preset, max_position_embeddings=max(args.seq, 16), qk_norm=False)
+    config = LlamaConfig.from_name(args.preset, max_position_embeddings=max(args.seq, 16), **HF_LLAMA)
     ours = Llama(config)
     theirs, hf_version = hf_model(config, ours)
     ours.train()

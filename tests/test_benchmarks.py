@@ -211,7 +211,8 @@ def test_moe_vs_dense_benchmark_trains_both_on_shared_data(code_corpus, tmp_path
              "2", "--model.config.num_hidden_layers", "2", "--model.config.max_position_embeddings", "64",
              "--data.seq_len", "64", "--data.global_batch_size", "4", "--data.micro_batch_size", "4",
              "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_steps", "4",
-             "--model.optim.warmup_steps", "1", "--model.config.qk_norm", "false"]  # tiny has QK-norm, tiny-moe not
+             "--model.optim.warmup_steps", "1", "--model.config.qk_norm", "false",  # tiny has these, tiny-moe not
+             "--model.config.value_embeddings", "0", "--model.compile", "false", "--model.compile_loss", "false"]
     r = run_benchmark("moe_vs_dense.py", "--steps", "4", "--rounds", "1", "--corpus", str(code_corpus), "--val_fraction", "0.1", "--",
                       *small, out=tmp_path / "moe.json", timeout=600)
     dense, moe = r["rows"]["dense"], r["rows"]["moe"]

@@ -93,9 +93,10 @@ def test_moe_recipes_match_their_dense_twins_but_for_the_experts():
             {k: v for k, v in s["data"].items() if k != "micro_batch_size"}
         dc, sc = LlamaConfig.from_name(dense), LlamaConfig.from_name(sparse)
         assert sc.moe and sc.num_experts_per_tok * sc.intermediate_size in (dc.intermediate_size, 2 * dc.intermediate_size)
-    assert LlamaConfig.from_name("tiny").qk_norm and not LlamaConfig.from_name("tiny-moe").qk_norm
-    assert LlamaConfig.from_name("tiny-moe").num_active_params() \
-        - LlamaConfig.from_name("tiny", qk_norm=False).num_params() == 6 * 8 * 192
+    tiny, tiny_moe = LlamaConfig.from_name("tiny"), LlamaConfig.from_name("tiny-moe")
+    assert tiny.qk_norm and tiny.value_embeddings and not tiny_moe.qk_norm and not tiny_moe.value_embeddings
+    assert tiny_moe.num_active_params() \
+        - LlamaConfig.from_name("tiny", qk_norm=False, value_embeddings=0).num_params() == 6 * 8 * 192
 
 
 def test_tinyllama_recipe_demands_a_data_path():
