@@ -144,8 +144,9 @@ class OptimConfig:
 
 def adamw(model: torch.nn.Module, o: OptimConfig, params: Optional[list] = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings, none on norm weights (of ``params``, by
-    default every parameter of ``model``); with ``embedding_lr``, the token embedding in a third group
-    (and the value embeddings, if any) at its own rate. ``lr_ratios`` holds each group's peak over ``lr`` (read by tinytrain.train.step)."""
+    default every parameter of ``model``); with ``embedding_lr``, the token embedding (and the value
+    embeddings, if any) in a third group at its own rate. ``lr_ratios`` holds each group's peak over
+    ``lr`` (read by tinytrain.train.step)."""
     params = list(model.parameters()) if params is None else params
     tables = [model.embed_tokens.weight] + [t.weight for t in getattr(model, "value_embeds", ())]
     embedding = [p for p in params if any(p is t for t in tables)] if o.embedding_lr is not None else []

@@ -200,7 +200,8 @@ def prepare(model: Llama, switches: Switches = Switches(), device: Optional[torc
     works = False
     if switches.compile == "auto" or switches.compile_loss == "auto":
         works, why = compile_works(torch.device(device).type if device is not None else "cpu")
-        log.info("model.compile / compile_loss auto: %s (%s)", "on" if works else "off", why)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.info("model.compile / compile_loss auto: %s (%s)", "on" if works else "off", why)
     if switches.compile is True or (switches.compile == "auto" and works):
         apply_compile(model)
     if switches.compile_loss is True or (switches.compile_loss == "auto" and works):
