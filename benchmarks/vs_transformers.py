@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    # qk_norm off: a Hugging Face Llama has none (the tiny preset has it)
+    # what no Hugging Face Llama computes (QK-norm, value embeddings) turned off: see benchmarks.common.HF_LLAMA
     config = LlamaConfig.from_name(args.preset, max_position_embeddings=max(args.seq, 16), **HF_LLAMA)
     ours = Llama(config)
     theirs, hf_version = hf_model(config, ours)
